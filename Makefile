@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create (or refresh) the project virtual environment in $(VENV) first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/frameworks.txt requirements/no-deps.txt requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/frameworks.txt -c requirements/constraints.txt
+	$(PIP) install -q --no-deps -r requirements/no-deps.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m maca_infer.demo
+
+# Everything, the slow end-to-end tests included (what CI runs).
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Without the end-to-end servers: the quick loop while developing.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m maca_infer.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
