@@ -1,0 +1,1 @@
+"""Accuracy workflows (MMLU, C-Eval) against an OpenAI-compatible server."""
