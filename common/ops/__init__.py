@@ -40,6 +40,7 @@ _EXPORTS = {
     "dequant_w4a16": "quant",
     "awq_to_w4a16": "quant",
     "gptq_to_w4a16": "quant",
+    "int32_to_uint8_packing": "quant",
 }
 
 __all__ = sorted(_EXPORTS)
