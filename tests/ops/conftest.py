@@ -1,0 +1,187 @@
+"""Shared fixtures of the op tests (tests/ops/test_*.py).
+
+Every op is tested twice: as the torch reference and as the Triton kernel
+running in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``), and
+both are compared with a float64 computation written in the test itself.
+
+``TRITON_INTERPRET`` must be in the environment before any ``triton.jit``
+decoration runs (Triton picks interpreter or compiler at decoration time), so
+it is set here, at import, before any test module imports an op. Ops that
+use ``rms_norm.lazy_jit`` jit at first launch and do not depend on import
+order at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+# Largest allowed error relative to the largest magnitude of the float64
+# answer. fp16/bf16 outputs are rounded once to 11/8 significant bits; the
+# interpreter also truncates float32 -> bfloat16 instead of rounding to
+# nearest, which can double bf16's rounding error (at most 2**-7).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+IMPLS = ("reference", "triton")
+
+
+@pytest.fixture(params=IMPLS)
+def ops_impl(request, monkeypatch):
+    """Runs the test once per implementation; the forced one never falls back."""
+    impl = request.param
+    if impl == "triton":
+        if not HAVE_TRITON:
+            pytest.skip("triton is not importable")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("TRITON_INTERPRET is not 1: Triton kernels cannot run on CPU tensors")
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", impl)
+    return impl
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (in float64); NaN anywhere -> inf."""
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if actual.numel() == 0:
+        return 0.0
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.abs().max().item() or 1.0
+    return (actual - expected).abs().max().item() / scale
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "output",
+                 factor: float = 1.0) -> None:
+    """Assert ``actual`` matches the float64 ``expected`` within dtype's tolerance (times ``factor``)."""
+    err = relative_error(actual, expected)
+    tol = TOLERANCE[dtype] * factor
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({dtype})"
+
+
+def poison(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """A tensor of NaNs: any element an op forgets to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def close():
+    """``close(actual, expected_float64, dtype, what)``; see ``assert_close``."""
+    return assert_close
+
+
+@pytest.fixture
+def nan_tensor():
+    """``nan_tensor(shape, dtype)``: a poisoned output buffer."""
+    return poison
+
+
+@pytest.fixture
+def rel_err():
+    return relative_error
+
+
+# ---------------------------------------------------------------------------
+# Compiling kernels for a real GPU target on a CPU-only host
+# ---------------------------------------------------------------------------
+# The interpreter is lenient: code it runs can still fail Triton's compiler
+# (types that change across loop iterations, unsupported constructs) or spill
+# registers. Triton's NVIDIA backend compiles all the way to a cubin with its
+# bundled ptxas and no GPU present, so kernels are also built for an sm_80
+# target (the CUDA stand-in; MetaX's Triton shares the frontend). Nothing is
+# launched. It runs in a subprocess: triton.language's own jitted helpers
+# (tl.sum, tl.max, ...) are decorated when triton is imported, and this test
+# process imported it in interpreter mode.
+COMPILE_TARGET_ARCH = 80
+
+_COMPILE_RUNNER = """
+import json, os, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton, triton.language  # compiler-mode decoration of triton's own helpers
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+# _dispatch runs a forced Triton path on CPU tensors only under TRITON_INTERPRET=1;
+# kernels are decorated below with the variable briefly back at 0
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["MACA_INFER_OPS_IMPL"] = "triton"
+
+class CompileOnlyDriver:  # the slice of the active driver that compilation consults
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", ARCH, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+driver.set_active(CompileOnlyDriver())
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def resource_usage(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = " ".join(line for line in text.splitlines() if "REG:" in line).split()
+    return {k: int(v) for k, _, v in (f.partition(":") for f in fields) if v.isdigit()}
+
+from maca_infer.common.ops import _jit
+builds = []
+
+def compile_instead_of_launch(self, grid):
+    def launch(*args, **kwargs):
+        os.environ["TRITON_INTERPRET"] = "0"
+        kernel = triton.jit(self.fn)
+        os.environ["TRITON_INTERPRET"] = "1"
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        builds.append({"kernel": self.fn.__name__,
+                       "constexprs": {k: v for k, v in kwargs.items() if k.isupper()},
+                       "usage": resource_usage(compiled.asm["cubin"])})
+    return launch
+
+_jit.lazy_jit.__getitem__ = compile_instead_of_launch
+exec(compile(SNIPPET, "<gpu build snippet>", "exec"))
+print("BUILDS=" + json.dumps(builds))
+"""
+
+
+@pytest.fixture
+def gpu_builds(tmp_path):
+    """``gpu_builds(snippet)``: run op calls with every kernel launch compiled for sm_80 instead.
+
+    ``snippet`` is Python source that imports and calls public ops on CPU
+    tensors (outputs are not written). Returns the builds in launch order:
+    dicts with ``kernel`` (function name), ``constexprs`` and ``usage``
+    (``REG`` registers per thread, ``LOCAL`` spilled bytes, ``SHARED``).
+    """
+    import subprocess
+    import sys
+
+    if not HAVE_TRITON:
+        pytest.skip("triton is not importable")
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+
+    def build(snippet: str) -> list[dict]:
+        import json
+        import textwrap
+
+        source = _COMPILE_RUNNER.replace("ARCH", str(COMPILE_TARGET_ARCH)).replace(
+            "SNIPPET", repr(textwrap.dedent(snippet)))
+        env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+        done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, timeout=300)
+        if done.returncode != 0:
+            raise AssertionError(f"GPU build failed:\n{done.stderr[-4000:]}")
+        line = [x for x in done.stdout.splitlines() if x.startswith("BUILDS=")][-1]
+        return json.loads(line[len("BUILDS="):])
+
+    return build
