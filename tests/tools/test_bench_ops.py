@@ -1,0 +1,53 @@
+"""bench/ops.py: the byte and FLOP counts, and the report files.
+
+Not a timing test: it checks the arithmetic of the floors against the sizes
+of the tensors each case really builds, and that the report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from maca_infer.bench import ops as bench
+
+
+def _case(cases, op, model):
+    return next(c for c in cases if c.op == op and c.model == model)
+
+
+def test_bytes_equal_the_tensors_the_case_touches():
+    cases = bench.build_cases(batch=4, context=64, prefill_len=32, block_size=16, group_size=128)
+    rms = _case(cases, "rms_norm", "Llama-3-8B")
+    x = torch.empty(4, 4096, dtype=torch.bfloat16)
+    assert rms.bytes == 2 * x.nbytes + 4096 * 2  # read x, write y, read weight
+    dec = _case(cases, "paged_decode_attention", "Llama-3-8B")
+    kv = torch.empty(4, 64, 8, 128, dtype=torch.bfloat16)  # B, L, Hk, D of K (and V)
+    q = torch.empty(4, 32, 128, dtype=torch.bfloat16)
+    assert dec.bytes == 2 * kv.nbytes + 2 * q.nbytes
+    assert dec.flops == 2 * (2 * 4 * 32 * 64 * 128)  # QK^T and PV
+    moe_dense = _case(cases, "fused_moe bf16", "Mixtral-8x7B")
+    moe_int4 = _case(cases, "fused_moe w4a16 g128", "Mixtral-8x7B")
+    # int4 weights: 1/4 of the bf16 bytes plus one bf16 scale per 128 weights
+    act = 2 * 1 * 4096 * 2
+    assert (moe_int4.bytes - act) / (moe_dense.bytes - act) == (0.5 + 2 / 128) / 2
+
+
+def test_floor_is_the_slower_of_memory_and_compute():
+    c = bench.Case("x", "m", "s", bytes=1e9, flops=1e12)
+    assert c.floor_s(1e12, 1e15) == 1e-3 and c.bound(1e12, 1e15) == "memory"
+    assert c.floor_s(1e12, 1e14) == 1e-2 and c.bound(1e12, 1e14) == "compute"
+
+
+def test_report_files(tmp_path):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--no-host", "--out", str(tmp_path), "--batch", "2", "--context", "32"])
+    assert bench.run(args) == 0
+    data = json.loads((tmp_path / "ops.json").read_text())
+    assert data["cases"]
+    assert all(c["floor_s"] > 0 for c in data["cases"])
+    assert (tmp_path / "ops.md").read_text().count("\n| ") >= len(data["cases"])
+    assert (tmp_path / "ops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
