@@ -1,0 +1,1068 @@
+"""Attention over variable-length batches and the paged KV cache.
+
+Public functions:
+    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)            -> out
+    paged_prefill_attention(q, key_cache, value_cache, block_table,
+                            cu_seqlens_q, kv_seqlens, ...)                 -> out
+    paged_decode_attention(q, key_cache, value_cache, block_table,
+                           kv_seqlens, ..., return_lse=False)              -> out (, lse)
+
+Semantics shared by all three (one definition, used by the kernels, the
+references and the tests):
+
+* Positions. Sequence ``b`` has ``q_len`` queries and ``kv_len`` keys; the
+  queries are the *last* ``q_len`` positions of the sequence (bottom-right
+  alignment, as flash-attn >= 2.1 and a KV cache with a prefix imply): query
+  ``i`` sits at position ``p_i = kv_len - q_len + i`` and key ``j`` at ``j``.
+* Score: ``s_ij = scale * <q_i, k_j>`` (``scale`` default ``1/sqrt(D)``);
+  with ``logit_softcap = c``: ``s_ij = c * tanh(s_ij / c)``; with
+  ``alibi_slopes``: ``s_ij += slope_h * (j - p_i)``.
+* Visibility (masked scores are ``-inf``):
+  causal: ``j <= p_i``; sliding window ``W``: additionally ``j > p_i - W``,
+  i.e. the query sees itself and the ``W - 1`` keys before it. That is HF's
+  ``sliding_window`` and flash-attn's ``window_size=(W - 1, 0)``. Without
+  ``causal`` a window is symmetric: ``|j - p_i| < W`` (flash-attn's
+  ``(W - 1, W - 1)``, which is what HF passes to flash-attn; HF's eager
+  bidirectional sliding mask keeps ``|j - p_i| <= W``: pass ``W + 1`` to
+  match that one).
+* ``out_i = sum_j softmax_j(s_ij) v_j`` in float32, rounded to ``q.dtype``;
+  ``lse_i = log(sum_j exp(s_ij))`` (natural log). A query that sees no key
+  (possible only when ``q_len > kv_len`` with ``causal``) gets ``out = 0``
+  and ``lse = -inf``.
+* GQA/MQA: query head ``h`` reads KV head ``h // (Hq // Hk)``.
+* Head dims ``D`` (q, k) and ``Dv`` (v) may differ; each is a multiple of 8
+  from 8 to 256. dtypes: float16, bfloat16, float32 (q, k, v, caches and
+  out share one); index tensors int32 (int64 accepted).
+
+The paged KV cache is ``key_cache [num_blocks, block_size, Hk, D]`` and
+``value_cache [num_blocks, block_size, Hk, Dv]``; token ``t`` of sequence ``b``
+lives in block ``block_table[b, t // block_size]`` at offset
+``t % block_size``. Only the first ``ceil(kv_len / block_size)`` entries of a
+block-table row are read; the rest may hold anything.
+
+Implementations: Triton kernels (one flash-attention style prefill kernel
+that serves both the contiguous varlen and the paged layout; a decode
+kernel with split-KV and a reduction kernel) and torch references that
+gather each sequence's blocks and run one batched matmul per sequence
+(per batch chunk for decode) so that the emulated maca device can serve
+with them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from maca_infer.common import envs
+from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl, triton
+
+# Head dims: every multiple of 8 up to 256. That covers the tiny test
+# models' 32, LLMs' 64, 80, 96, 128, 192, 256 and diffusion UNets' 40, 72,
+# 88, 160; the kernels pad a dim to a power-of-two tile (>= 16, tl.dot's
+# minimum) and mask the rest.
+HEAD_DIMS = tuple(range(8, 257, 8))
+# Multi-token decode (speculative / MTP verification) is capped so that the
+# decode kernel's packed (token, head) rows stay a small tile.
+MAX_DECODE_QUERY_LEN = 8
+# Split-KV: the auto rule never makes a split shorter than this many keys
+# (below it the reduction pass costs more than the parallelism buys).
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_KV_SPLITS = 64
+# The references bound their score matrix to this many float32 elements
+# (64 MiB) by processing queries (varlen, prefill) or sequences (decode) in chunks.
+_REFERENCE_MAX_SCORES = 1 << 24
+
+
+# ==========================================================================
+# Triton kernels
+# ==========================================================================
+def _prefill_kernel_fn(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    cu_seqlens_q_ptr, kv_index_ptr, block_table_ptr, alibi_slopes_ptr,
+    stride_q_token, stride_q_head,
+    stride_k_block, stride_k_token, stride_k_head,
+    stride_v_block, stride_v_token, stride_v_head,
+    stride_out_token, stride_out_head,
+    stride_block_table,
+    block_size, scale, logit_softcap, sliding_window,
+    QUERY_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    # One program per (query tile of BLOCK_M tokens, query head, sequence):
+    # flash-attention forward with an online softmax over key tiles.
+    # PAGED: keys come from the block table (kv_index_ptr = kv_seqlens);
+    # otherwise from contiguous rows (kv_index_ptr = cu_seqlens_k).
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
+    q_len = (tl.load(cu_seqlens_q_ptr + seq + 1) - q_start).to(tl.int32)
+    if tile * BLOCK_M >= q_len:
+        return
+    if PAGED:
+        k_start = q_start * 0
+        kv_len = tl.load(kv_index_ptr + seq).to(tl.int32)
+    else:
+        k_start = tl.load(kv_index_ptr + seq).to(tl.int64)
+        kv_len = (tl.load(kv_index_ptr + seq + 1) - k_start).to(tl.int32)
+    kv_head = head // QUERY_GROUP
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < q_len
+    q_pos = kv_len - q_len + offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < HEAD_DIM
+    dv_valid = offs_dv < HEAD_DIM_V
+
+    q_ptrs = q_ptr + (q_start + offs_m)[:, None] * stride_q_token + head * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    if USE_ALIBI:
+        slope = tl.load(alibi_slopes_ptr + head).to(tl.float32)
+
+    # Key range this tile can see: [lo, hi).
+    first_pos = kv_len - q_len + tile * BLOCK_M
+    last_pos = kv_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len) - 1
+    lo = first_pos * 0
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, last_pos + 1)
+    if USE_WINDOW:
+        lo = tl.maximum(lo, first_pos - sliding_window + 1)
+        if not CAUSAL:
+            hi = tl.minimum(hi, last_pos + sliding_window)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # fold log2(e): the softmax runs on exp2
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        if PAGED:
+            block = tl.load(block_table_ptr + seq * stride_block_table + offs_n // block_size,
+                            mask=n_valid, other=0).to(tl.int64)
+            in_block = (offs_n % block_size).to(tl.int64)
+            k_rows = block * stride_k_block + in_block * stride_k_token
+            v_rows = block * stride_v_block + in_block * stride_v_token
+        else:
+            k_rows = (k_start + offs_n) * stride_k_token
+            v_rows = (k_start + offs_n) * stride_v_token
+        if BLOCK_D == HEAD_DIM:  # no head-dim mask: fewer predicate registers
+            k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_k_head + offs_d[None, :],
+                        mask=n_valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_k_head + offs_d[None, :],
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        if BLOCK_DV == HEAD_DIM_V:
+            v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_v_head + offs_dv[None, :],
+                        mask=n_valid[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_v_head + offs_dv[None, :],
+                        mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if USE_SOFTCAP:
+            # c * tanh(s*scale / c); tanh(x) = 1 - 2 / (exp(2x) + 1) is exact at +-inf
+            x = s * (scale / logit_softcap)
+            s = logit_softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        rel = offs_n[None, :] - q_pos[:, None]  # j - p_i
+        if USE_ALIBI:
+            s += (slope * 1.4426950408889634) * rel.to(tl.float32)
+        visible = n_valid[None, :] & m_valid[:, None]
+        if CAUSAL:
+            visible = visible & (rel <= 0)
+        if USE_WINDOW:
+            visible = visible & (rel > -sliding_window)
+            if not CAUSAL:
+                visible = visible & (rel < sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no visible key yet keeps m = -inf; shift by 0
+        # instead so that exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = tl.where(l_i[:, None] > 0.0, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
+    out_ptrs = out_ptr + (q_start + offs_m)[:, None] * stride_out_token + head * stride_out_head + offs_dv[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dv_valid[None, :])
+
+
+_prefill_kernel = lazy_jit(_prefill_kernel_fn)
+
+
+def _decode_kernel_fn(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_seqlens_ptr, alibi_slopes_ptr,
+    out_ptr, lse_ptr,
+    stride_q_seq, stride_q_token, stride_q_head,
+    stride_k_block, stride_k_token, stride_k_head,
+    stride_v_block, stride_v_token, stride_v_head,
+    stride_block_table,
+    stride_out_seq, stride_out_token, stride_out_head, stride_out_split,
+    stride_lse_seq, stride_lse_token, stride_lse_head, stride_lse_split,
+    block_size, scale, logit_softcap, sliding_window, num_kv_splits,
+    QUERY_LEN: tl.constexpr, QUERY_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # One program per (sequence, KV head, KV split). Its BLOCK_M rows are the
+    # QUERY_LEN x QUERY_GROUP (token, query head) pairs that share this KV
+    # head, so each key/value tile is loaded once and used by all of them.
+    # With several splits each program covers one slice of the visible keys
+    # and writes a normalized partial output and its log2-sum-exp; the
+    # reduction kernel merges them. With one split it writes the result.
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(kv_seqlens_ptr + seq).to(tl.int32)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < QUERY_LEN * QUERY_GROUP
+    token = rows // QUERY_GROUP
+    head = kv_head * QUERY_GROUP + rows % QUERY_GROUP
+    q_pos = kv_len - QUERY_LEN + token
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < HEAD_DIM
+    dv_valid = offs_dv < HEAD_DIM_V
+
+    q_rows = seq.to(tl.int64) * stride_q_seq + token * stride_q_token + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    if USE_ALIBI:
+        slope = tl.load(alibi_slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+
+    # Visible keys of the whole sequence: [lo, kv_len); this split's share.
+    lo = kv_len * 0
+    if USE_WINDOW:
+        lo = tl.maximum(lo, kv_len - QUERY_LEN - sliding_window + 1)
+    per_split = tl.cdiv(tl.cdiv(kv_len - lo, num_kv_splits), BLOCK_N) * BLOCK_N
+    split_lo = lo + split * per_split
+    split_hi = tl.minimum(split_lo + per_split, kv_len)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start_n in range(split_lo, split_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < split_hi
+        block = tl.load(block_table_ptr + seq * stride_block_table + offs_n // block_size,
+                        mask=n_valid, other=0).to(tl.int64)
+        in_block = (offs_n % block_size).to(tl.int64)
+        k = tl.load(k_cache_ptr + (block * stride_k_block + in_block * stride_k_token)[:, None]
+                    + kv_head * stride_k_head + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + (block * stride_v_block + in_block * stride_v_token)[:, None]
+                    + kv_head * stride_v_head + offs_dv[None, :],
+                    mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if USE_SOFTCAP:
+            x = s * (scale / logit_softcap)
+            s = logit_softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        rel = offs_n[None, :] - q_pos[:, None]
+        if USE_ALIBI:
+            s += (slope * 1.4426950408889634)[:, None] * rel.to(tl.float32)
+        visible = n_valid[None, :] & row_valid[:, None] & (rel <= 0)
+        if USE_WINDOW:
+            visible = visible & (rel > -sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    # Empty splits write 0 (not NaN): the reduction multiplies them by weight 0.
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    out_rows = (seq.to(tl.int64) * stride_out_seq + token * stride_out_token + head * stride_out_head
+                + split * stride_out_split)
+    tl.store(out_ptr + out_rows[:, None] + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & dv_valid[None, :])
+    if WRITE_LSE:
+        # natural-log sum-exp of this split's scores; -inf when it saw no key
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        lse_rows = (seq.to(tl.int64) * stride_lse_seq + token * stride_lse_token + head * stride_lse_head
+                    + split * stride_lse_split)
+        tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
+
+
+_decode_kernel = lazy_jit(_decode_kernel_fn)
+
+
+def _decode_reduce_kernel_fn(
+    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
+    stride_po_seq, stride_po_token, stride_po_head, stride_po_split,
+    stride_pl_seq, stride_pl_token, stride_pl_head,
+    stride_out_seq, stride_out_token, stride_out_head,
+    stride_lse_seq, stride_lse_token, stride_lse_head,
+    num_kv_splits,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    # One program per (sequence, query token, query head): merge the splits'
+    # partial outputs, weighting each by exp(lse_split - lse_total).
+    seq = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(1)
+    head = tl.program_id(2)
+    splits = tl.arange(0, BLOCK_S)
+    s_valid = splits < num_kv_splits
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_valid = offs_dv < HEAD_DIM_V
+    lse = tl.load(partial_lse_ptr + seq * stride_pl_seq + token * stride_pl_token + head * stride_pl_head + splits,
+                  mask=s_valid, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.exp(lse - m_shift)
+    total = tl.sum(weight, axis=0)
+    part = tl.load(partial_out_ptr + seq * stride_po_seq + token * stride_po_token + head * stride_po_head
+                   + splits[:, None] * stride_po_split + offs_dv[None, :],
+                   mask=s_valid[:, None] & dv_valid[None, :], other=0.0)
+    out = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_out_seq + token * stride_out_token + head * stride_out_head + offs_dv,
+             out.to(out_ptr.dtype.element_ty), mask=dv_valid)
+    if WRITE_LSE:
+        lse_total = tl.where(total > 0.0, m_shift + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq * stride_lse_seq + token * stride_lse_token + head * stride_lse_head, lse_total)
+
+
+_decode_reduce_kernel = lazy_jit(_decode_reduce_kernel_fn)
+
+
+# ==========================================================================
+# Launchers
+# ==========================================================================
+def _tile_sizes(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the prefill kernel."""
+    if envs.triton_interpret():
+        return 16, 16  # every program runs in numpy: the smallest tile tl.dot takes
+    if max(head_dim, head_dim_v) > 128 or dtype == torch.float32:
+        # keep q, k, v tiles and the accumulator within registers and a
+        # 64 KiB shared memory (fp32 64x64 tiles at D=128 need ~115 KiB)
+        return 32, 32
+    return 64, 64
+
+
+# Launch options. Two stages keep the K/V tiles' software pipeline within
+# the shared memory of MACA and NVIDIA parts alike. The prefill kernel uses 8
+# warps: with 4, ptxas (sm_80/sm_90) spills ~1 KiB per thread at D=128 and
+# ~300 B at D=256; with 8, nothing at D<=64 and in fp32, ~270 B at D=128.
+_LAUNCH = dict(num_warps=4, num_stages=2)
+_PREFILL_LAUNCH = dict(num_warps=8, num_stages=2)
+
+
+def _dot_tile(dim: int) -> int:
+    """Power-of-two tile covering a head dim; tl.dot needs every side >= 16."""
+    return max(16, next_power_of_2(dim))
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    # The interpreter computes bf16 arithmetic wrongly (triton-lang/triton#11584);
+    # on a device fp16/bf16 tiles go to the tensor cores with fp32 accumulation.
+    return dtype == torch.float32 or envs.triton_interpret()
+
+
+def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    if cu_seqlens.numel() <= 1:
+        return 0
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+def _feature_args(q, scale, sliding_window, logit_softcap, alibi_slopes):
+    """Runtime scalars and constexpr switches the kernels share."""
+    return dict(
+        scale=float(scale),
+        logit_softcap=float(logit_softcap) if logit_softcap else 1.0,
+        sliding_window=int(sliding_window) if sliding_window else 0,
+        alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else q,  # unread when USE_ALIBI is off
+        USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logit_softcap), USE_ALIBI=alibi_slopes is not None,
+        DOT_FP32=_dot_in_fp32(q.dtype),
+    )
+
+
+def _prefill_triton(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q,
+                    scale, causal, sliding_window, logit_softcap, alibi_slopes, out, paged):
+    batch = cu_seqlens_q.shape[0] - 1
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, head_dim_v = k.shape[-2], v.shape[-1]
+    if batch == 0 or q.shape[0] == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = _max_seqlen(cu_seqlens_q)
+    if max_seqlen_q == 0:
+        return out
+    block_m, block_n = _tile_sizes(head_dim, head_dim_v, q.dtype)
+    if paged:
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
+        block_size, table, table_stride = k.shape[1], block_table, block_table.stride(0)
+    else:
+        k_strides = (0, k.stride(0), k.stride(1))
+        v_strides = (0, v.stride(0), v.stride(1))
+        block_size, table, table_stride = 1, cu_seqlens_q, 0  # table unread when not PAGED
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, batch)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_seqlens_q, kv_index, table,
+        stride_q_token=q.stride(0), stride_q_head=q.stride(1),
+        stride_k_block=k_strides[0], stride_k_token=k_strides[1], stride_k_head=k_strides[2],
+        stride_v_block=v_strides[0], stride_v_token=v_strides[1], stride_v_head=v_strides[2],
+        stride_out_token=out.stride(0), stride_out_head=out.stride(1),
+        stride_block_table=table_stride, block_size=block_size,
+        QUERY_GROUP=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=_dot_tile(head_dim), BLOCK_DV=_dot_tile(head_dim_v),
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGED=paged, CAUSAL=bool(causal),
+        **_feature_args(q, scale, sliding_window, logit_softcap, alibi_slopes), **_PREFILL_LAUNCH,
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _auto_num_kv_splits(batch: int, num_kv_heads: int, kv_capacity: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head) for decode, chosen without a host sync.
+
+    ``kv_capacity`` is the most keys any sequence can have (block-table width
+    x block size, clipped to the sliding window): the rule reads shapes only,
+    so it is fixed under graph capture. Long contexts get more splits, never
+    shorter than ``_MIN_KEYS_PER_SPLIT`` keys; on a device the split count
+    stops growing once (sequences x KV heads x splits) fills about two waves
+    of the multiprocessors, since more splits then only add reduction work.
+    """
+    by_length = max(1, -(-kv_capacity // _MIN_KEYS_PER_SPLIT))
+    if device.type == "cuda":
+        processors = _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+        by_occupancy = max(1, -(-2 * processors // max(1, batch * num_kv_heads)))
+    else:
+        by_occupancy = 4  # the interpreter: each program is run in turn, splits only add work
+    return max(1, min(by_length, by_occupancy, _MAX_KV_SPLITS))
+
+
+def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
+                   alibi_slopes, num_kv_splits, out4, lse3):
+    batch, query_len, num_q_heads, head_dim = q4.shape
+    num_kv_heads, head_dim_v = key_cache.shape[2], value_cache.shape[-1]
+    block_size = key_cache.shape[1]
+    if batch == 0:
+        return
+    if num_kv_splits is None:
+        capacity = block_table.shape[1] * block_size
+        if sliding_window:
+            capacity = min(capacity, sliding_window + query_len - 1)
+        num_kv_splits = _auto_num_kv_splits(batch, num_kv_heads, capacity, q4.device)
+    group = num_q_heads // num_kv_heads
+    block_m = max(16, next_power_of_2(query_len * group))
+    if envs.triton_interpret():
+        block_n = 16
+    else:
+        block_n = 64 if max(head_dim, head_dim_v) <= 128 and q4.dtype != torch.float32 else 32
+    common = dict(
+        stride_q_seq=q4.stride(0), stride_q_token=q4.stride(1), stride_q_head=q4.stride(2),
+        stride_k_block=key_cache.stride(0), stride_k_token=key_cache.stride(1), stride_k_head=key_cache.stride(2),
+        stride_v_block=value_cache.stride(0), stride_v_token=value_cache.stride(1),
+        stride_v_head=value_cache.stride(2),
+        stride_block_table=block_table.stride(0), block_size=block_size,
+        QUERY_LEN=query_len, QUERY_GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=_dot_tile(head_dim), BLOCK_DV=_dot_tile(head_dim_v),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        **_feature_args(q4, scale, sliding_window, logit_softcap, alibi_slopes),
+        # more (token, head) rows per program -> more warps, so the accumulator stays in registers
+        num_warps=4 if block_m <= 32 else 8, num_stages=_LAUNCH["num_stages"],
+    )
+    grid = (batch, num_kv_heads, num_kv_splits)
+    if num_kv_splits == 1:
+        lse_target = lse3 if lse3 is not None else out4  # unread when WRITE_LSE is off
+        lse_strides = (lse3.stride(0), lse3.stride(1), lse3.stride(2)) if lse3 is not None else (0, 0, 0)
+        _decode_kernel[grid](
+            q4, key_cache, value_cache, block_table, kv_seqlens, out_ptr=out4, lse_ptr=lse_target,
+            stride_out_seq=out4.stride(0), stride_out_token=out4.stride(1), stride_out_head=out4.stride(2),
+            stride_out_split=0, stride_lse_seq=lse_strides[0], stride_lse_token=lse_strides[1],
+            stride_lse_head=lse_strides[2], stride_lse_split=0, num_kv_splits=1,
+            WRITE_LSE=lse3 is not None, **common,
+        )
+        return
+    partial_out = torch.empty((batch, query_len, num_q_heads, num_kv_splits, head_dim_v),
+                              dtype=torch.float32, device=q4.device)
+    partial_lse = torch.empty((batch, query_len, num_q_heads, num_kv_splits), dtype=torch.float32,
+                              device=q4.device)
+    _decode_kernel[grid](
+        q4, key_cache, value_cache, block_table, kv_seqlens, out_ptr=partial_out, lse_ptr=partial_lse,
+        stride_out_seq=partial_out.stride(0), stride_out_token=partial_out.stride(1),
+        stride_out_head=partial_out.stride(2), stride_out_split=partial_out.stride(3),
+        stride_lse_seq=partial_lse.stride(0), stride_lse_token=partial_lse.stride(1),
+        stride_lse_head=partial_lse.stride(2), stride_lse_split=partial_lse.stride(3),
+        num_kv_splits=num_kv_splits, WRITE_LSE=True, **common,
+    )
+    lse_target = lse3 if lse3 is not None else partial_lse
+    lse_strides = (lse3.stride(0), lse3.stride(1), lse3.stride(2)) if lse3 is not None else (0, 0, 0)
+    _decode_reduce_kernel[(batch, query_len, num_q_heads)](
+        partial_out, partial_lse, out4, lse_target,
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_out.stride(3),
+        partial_lse.stride(0), partial_lse.stride(1), partial_lse.stride(2),
+        out4.stride(0), out4.stride(1), out4.stride(2),
+        lse_strides[0], lse_strides[1], lse_strides[2],
+        num_kv_splits,
+        HEAD_DIM_V=head_dim_v, BLOCK_DV=next_power_of_2(head_dim_v), BLOCK_S=next_power_of_2(num_kv_splits),
+        WRITE_LSE=lse3 is not None, num_warps=4,
+    )
+
+
+# ==========================================================================
+# Torch references
+# ==========================================================================
+def _reference_attention(q, k, v, query_positions, kv_lens, scale, causal, sliding_window, logit_softcap,
+                         alibi_slopes):
+    """Dense masked attention for a batch of equally padded sequences.
+
+    q [N, Lq, Hq, D], k [N, Lk, Hk, D], v [N, Lk, Hk, Dv]: any float dtype;
+    query_positions [N, Lq] int64 (p_i); kv_lens [N] int64: keys at
+    j >= kv_len are padding (k there may hold anything, v must be finite).
+    Returns float32 out [N, Lq, Hq, Dv] and lse [N, Lq, Hq].
+
+    Cost control (this runs the emulated device's serving): queries go in
+    chunks that keep the score matrix under _REFERENCE_MAX_SCORES elements,
+    and each chunk multiplies only against the key range it can see (causal
+    and window bounds), which halves a causal prefill.
+    """
+    n, lq, hq, d = q.shape
+    lk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hk
+    device = q.device
+    key_pos = torch.arange(lk, device=device)
+    key_valid = key_pos[None, :] < kv_lens[:, None]  # [N, Lk]
+    # Head-major float32 copies, made in one pass each (cast and transpose
+    # together); the score matmul then reads k_h transposed at no cost.
+    k_h = torch.empty((n, hk, lk, d), dtype=torch.float32, device=device).copy_(k.permute(0, 2, 1, 3))
+    v_h = torch.empty((n, hk, lk, dv), dtype=torch.float32, device=device).copy_(v.permute(0, 2, 1, 3))
+    slopes = alibi_slopes.float().view(1, hk, group, 1, 1) if alibi_slopes is not None else None
+    out = torch.zeros((n, lq, hq, dv), dtype=torch.float32, device=device)
+    lse = torch.full((n, lq, hq), float("-inf"), dtype=torch.float32, device=device)
+    chunk = max(1, _REFERENCE_MAX_SCORES // max(1, n * hq * lk))
+    for start in range(0, lq, chunk):
+        positions = query_positions[:, start:start + chunk]  # [N, c]
+        c = positions.shape[1]
+        lo, hi = 0, lk
+        if causal:
+            hi = min(hi, int(positions.max()) + 1)
+        if sliding_window:
+            lo = max(lo, int(positions.min()) - sliding_window + 1)
+            if not causal:
+                hi = min(hi, int(positions.max()) + sliding_window)
+        if hi <= lo:
+            continue  # no query of the chunk sees a key: out 0, lse -inf
+        q_c = q[:, start:start + c].float().reshape(n, c, hk, group, d).permute(0, 2, 3, 1, 4)
+        scores = torch.matmul(q_c.reshape(n, hk, group * c, d), k_h[:, :, lo:hi].transpose(-1, -2))  # [N, Hk, G*c, L]
+        scores = scores.view(n, hk, group, c, hi - lo).mul_(scale)
+        if logit_softcap:
+            scores.div_(logit_softcap).tanh_().mul_(logit_softcap)
+        rel = key_pos[None, None, lo:hi] - positions[:, :, None]  # [N, c, L]: j - p_i
+        if slopes is not None:
+            scores.add_(slopes * rel[:, None, None].float())
+        visible = key_valid[:, None, lo:hi].expand(n, c, hi - lo)
+        if causal:
+            visible = visible & (rel <= 0)
+        if sliding_window:
+            visible = visible & (rel > -sliding_window)
+            if not causal:
+                visible = visible & (rel < sliding_window)
+        scores.masked_fill_(~visible[:, None, None], float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # rows with no visible key
+        probs = scores.sub_(row_max).exp_()
+        row_sum = probs.sum(dim=-1, keepdim=True)
+        o = torch.matmul(probs.view(n, hk, group * c, hi - lo), v_h[:, :, lo:hi]).view(n, hk, group, c, dv)
+        o.div_(row_sum.clamp_min(torch.finfo(torch.float32).tiny))  # empty rows: 0 / tiny = 0
+        out[:, start:start + c] = o.permute(0, 3, 1, 2, 4).reshape(n, c, hq, dv)
+        lse[:, start:start + c] = (row_max + torch.log(row_sum)).squeeze(-1).permute(0, 3, 1, 2).reshape(n, c, hq)
+    return out, lse
+
+
+def _positions(q_len: int, kv_len: int, device) -> torch.Tensor:
+    return torch.arange(kv_len - q_len, kv_len, device=device).view(1, q_len)
+
+
+def _gather_blocks(cache, block_ids):
+    """cache[block_ids] for a 1-D index, as one index_select (much faster than
+    advanced indexing for 16-bit dtypes on CPU): [len, BS, H, D]."""
+    return cache.index_select(0, block_ids.long())
+
+
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sliding_window, logit_softcap,
+                      alibi_slopes, out):
+    q_bounds = cu_seqlens_q.tolist()
+    k_bounds = cu_seqlens_k.tolist()
+    for b in range(len(q_bounds) - 1):
+        qs, qe, ks, ke = q_bounds[b], q_bounds[b + 1], k_bounds[b], k_bounds[b + 1]
+        if qe == qs:
+            continue
+        kv_len = ke - ks
+        o, _ = _reference_attention(
+            q[qs:qe].unsqueeze(0), k[ks:ke].unsqueeze(0), v[ks:ke].unsqueeze(0),
+            _positions(qe - qs, kv_len, q.device), torch.tensor([kv_len], device=q.device),
+            scale, causal, sliding_window, logit_softcap, alibi_slopes)
+        out[qs:qe] = o[0]
+    return out
+
+
+def _paged_prefill_reference(q, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, scale, causal,
+                             sliding_window, logit_softcap, alibi_slopes, out):
+    """One sequence at a time: gather its blocks (one index_select), one matmul."""
+    q_bounds = cu_seqlens_q.tolist()
+    kv_lens = kv_seqlens.tolist()
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    for b in range(len(q_bounds) - 1):
+        qs, qe, kv_len = q_bounds[b], q_bounds[b + 1], kv_lens[b]
+        if qe == qs:
+            continue
+        blocks = block_table[b, :-(-kv_len // block_size)]
+        k = _gather_blocks(key_cache, blocks).view(-1, num_kv_heads, key_cache.shape[3])[:kv_len]
+        v = _gather_blocks(value_cache, blocks).view(-1, num_kv_heads, value_cache.shape[3])[:kv_len]
+        o, _ = _reference_attention(
+            q[qs:qe].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+            _positions(qe - qs, kv_len, q.device), torch.tensor([kv_len], device=q.device),
+            scale, causal, sliding_window, logit_softcap, alibi_slopes)
+        out[qs:qe] = o[0]
+    return out
+
+
+def _decode_reference(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
+                      alibi_slopes, num_kv_splits, out4, lse3):
+    """Sequences in groups of similar length, each group gathered and padded
+    to its longest member, then one batched matmul per group.
+
+    num_kv_splits is a kernel scheduling choice; the reference ignores it.
+    """
+    del num_kv_splits
+    batch, query_len, num_q_heads, _ = q4.shape
+    if batch == 0:
+        return
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    head_dim, head_dim_v = key_cache.shape[3], value_cache.shape[3]
+    kv_lens = kv_seqlens.long()
+    order = torch.argsort(kv_lens)
+    sorted_lens = kv_lens[order].tolist()
+    # float32 elements one sequence of length L costs: gathered k and v, scores
+    per_key = num_kv_heads * (head_dim + head_dim_v) + num_q_heads * query_len
+    start = 0
+    while start < batch:
+        # sorted ascending: the group's last member is its longest
+        end = start + 1
+        while end < batch and (end + 1 - start) * max(1, sorted_lens[end]) * per_key <= _REFERENCE_MAX_SCORES:
+            end += 1
+        idx = order[start:end]
+        lens = kv_lens[idx]
+        end_block = max(1, -(-sorted_lens[end - 1] // block_size))
+        # With a window, blocks before the first key any query of the group can
+        # see are skipped; positions are then counted from first_block.
+        first_block = 0
+        if sliding_window:
+            first_block = min(end_block - 1, max(0, sorted_lens[start] - query_len - sliding_window + 1) // block_size)
+        num_blocks = end_block - first_block
+        offset = first_block * block_size
+        table = block_table[idx, first_block:end_block].long()
+        # Entries past a row's last needed block may hold anything: read block 0 there (masked anyway).
+        needed = torch.arange(first_block, end_block, device=table.device)[None, :] < (-(-lens // block_size))[:, None]
+        table = torch.where(needed, table, 0).flatten()
+        n = idx.shape[0]
+        k = _gather_blocks(key_cache, table).view(n, num_blocks * block_size, num_kv_heads, head_dim)
+        v = _gather_blocks(value_cache, table).view(n, num_blocks * block_size, num_kv_heads, head_dim_v)
+        local_lens = lens - offset
+        # 0 * garbage must stay 0: never-written cache slots may hold NaN
+        padding = torch.arange(num_blocks * block_size, device=lens.device)[None, :] >= local_lens[:, None]
+        v.masked_fill_(padding[:, :, None, None], 0.0)
+        positions = local_lens[:, None] - query_len + torch.arange(query_len, device=lens.device)[None, :]
+        o, lse = _reference_attention(q4[idx], k, v, positions, local_lens, scale, True, sliding_window,
+                                      logit_softcap, alibi_slopes)
+        out4[idx] = o.to(out4.dtype)
+        if lse3 is not None:
+            lse3[idx] = lse
+        start = end
+
+
+# ==========================================================================
+# Validation
+# ==========================================================================
+def _check_last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have a contiguous last dimension (shape {tuple(t.shape)}, "
+                         f"stride {t.stride()}); call .contiguous()")
+
+
+def _check_index(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    _checks.check_dtype(op, name, t, _checks.INDEX_DTYPES)
+    _checks.check_dim(op, name, t, ndim, layout)
+    if ndim == 1:
+        _checks.check_contiguous(op, name, t)
+    else:  # a block table may be a column slice of a wider one (SGLang's req_to_token)
+        _check_last_dim_contiguous(op, name, t)
+
+
+def _check_options(op, q, num_q_heads, head_dim, scale, sliding_window, logit_softcap, alibi_slopes):
+    """Validates the shared keyword options; returns (scale, window, softcap) normalized."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{op}: scale={scale!r} is not supported; allowed: None (1/sqrt(head_dim)) or a float > 0")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"{op}: sliding_window={sliding_window!r} is not supported; allowed: None (no window) "
+                         "or an int >= 1 (keys p-W < j <= p are visible)")
+    if logit_softcap is not None and (not isinstance(logit_softcap, (int, float)) or logit_softcap < 0
+                                      or not math.isfinite(logit_softcap)):
+        raise ValueError(f"{op}: logit_softcap={logit_softcap!r} is not supported; allowed: None or 0 (off) "
+                         "or a float > 0")
+    if alibi_slopes is not None:
+        _checks.check_dtype(op, "alibi_slopes", alibi_slopes, (torch.float32,))
+        if alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != num_q_heads:
+            raise ValueError(f"{op}: alibi_slopes must be [num_q_heads={num_q_heads}], "
+                             f"got shape {tuple(alibi_slopes.shape)}")
+        _checks.check_contiguous(op, "alibi_slopes", alibi_slopes)
+    window = int(sliding_window) if sliding_window else None
+    softcap = float(logit_softcap) if logit_softcap else None
+    return float(scale), window, softcap
+
+
+def _check_heads(op, q_heads, kv_heads, head_dim, head_dim_v):
+    if kv_heads < 1 or q_heads % kv_heads:
+        raise ValueError(f"{op}: num_q_heads={q_heads} must be a multiple of num_kv_heads={kv_heads} (GQA/MQA)")
+    for name, dim in (("head_dim", head_dim), ("head_dim_v", head_dim_v)):
+        if dim not in HEAD_DIMS:
+            raise ValueError(f"{op}: {name}={dim} is not supported; allowed: multiples of 8 from 8 to 256")
+
+
+def _check_cache(op, q, key_cache, value_cache, block_table):
+    _checks.check_dim(op, "key_cache", key_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
+    _checks.check_dim(op, "value_cache", value_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim_v]")
+    _checks.check_dtype(op, "key_cache", key_cache, (q.dtype,))
+    _checks.check_dtype(op, "value_cache", value_cache, (q.dtype,))
+    if tuple(value_cache.shape[:3]) != tuple(key_cache.shape[:3]):
+        raise ValueError(f"{op}: value_cache has shape {tuple(value_cache.shape)}; its [num_blocks, block_size, "
+                         f"num_kv_heads] must match key_cache's {tuple(key_cache.shape[:3])}")
+    _checks.check_size(op, "key_cache", key_cache.shape[-1], q.shape[-1], "head_dim (q's)")
+    # Page size 1 (SGLang's default token pool) works too: the kernels index
+    # tokens through the table one by one.
+    _checks.check_block_size(op, key_cache.shape[1], minimum=1)
+    _check_last_dim_contiguous(op, "key_cache", key_cache)
+    _check_last_dim_contiguous(op, "value_cache", value_cache)
+    _check_index(op, "block_table", block_table, 2, "[batch, max_blocks_per_seq]")
+
+
+def _check_out(op, out, shape, dtype, name="out"):
+    if out is None:
+        return
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    _checks.check_dtype(op, name, out, (dtype,))
+    _check_last_dim_contiguous(op, name, out)
+
+
+def _check_max(op, name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: None (computed) or an int >= 0 "
+                         "not smaller than the true maximum")
+
+
+# ==========================================================================
+# Public functions
+# ==========================================================================
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
+    logit_softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over a batch of packed variable-length sequences.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[total_q, num_q_heads, head_dim]``, float16 / bfloat16 / float32.
+        Token and head strides are free (a slice of a fused qkv tensor is
+        fine); the last dimension must be contiguous.
+    k : torch.Tensor
+        ``[total_k, num_kv_heads, head_dim]``, dtype of ``q``.
+    v : torch.Tensor
+        ``[total_k, num_kv_heads, head_dim_v]``, dtype of ``q``.
+    cu_seqlens_q, cu_seqlens_k : torch.Tensor
+        ``[batch + 1]``, int32 (int64 accepted), contiguous, on q's device:
+        sequence ``b`` owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``
+        and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``.
+    max_seqlen_q : int, optional
+        Longest query sequence (sizes the kernel grid; computed with one host
+        sync when None). ``max_seqlen_k`` is accepted for interface parity
+        and not needed.
+    scale, causal, sliding_window, logit_softcap, alibi_slopes
+        See the module docstring. ``alibi_slopes`` is ``[num_q_heads]`` float32.
+    out : torch.Tensor, optional
+        ``[total_q, num_q_heads, head_dim_v]``, dtype of ``q``; written and returned.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[total_q, num_q_heads, head_dim_v]``, dtype of ``q``.
+
+    Math (sequence ``b``, query ``i`` at position ``p_i = kv_len - q_len + i``,
+    query head ``h``, KV head ``g = h // (Hq // Hk)``; float32)::
+
+        s_ij   = scale * q_ih . k_jg                   (softcap: c * tanh(s_ij / c))
+        s_ij  += slope_h * (j - p_i)                   (ALiBi)
+        s_ij   = -inf unless j visible from p_i        (causal / window)
+        out_ih = sum_j softmax_j(s_ij) * v_jg
+    """
+    op = "varlen_attention"
+    _checks.check_dtype(op, "q", q, _checks.FLOAT_DTYPES)
+    _checks.check_dim(op, "q", q, 3, "[total_q, num_q_heads, head_dim]")
+    _checks.check_dim(op, "k", k, 3, "[total_k, num_kv_heads, head_dim]")
+    _checks.check_dim(op, "v", v, 3, "[total_k, num_kv_heads, head_dim_v]")
+    _checks.check_dtype(op, "k", k, (q.dtype,))
+    _checks.check_dtype(op, "v", v, (q.dtype,))
+    _checks.check_size(op, "k", k.shape[-1], q.shape[-1], "head_dim (q's)")
+    if tuple(v.shape[:2]) != tuple(k.shape[:2]):
+        raise ValueError(f"{op}: v has shape {tuple(v.shape)}; its [total_k, num_kv_heads] must match "
+                         f"k's {tuple(k.shape[:2])}")
+    _check_heads(op, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(op, name, t)
+    _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+    _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
+    if cu_seqlens_q.shape[0] < 1 or cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    _check_max(op, "max_seqlen_q", max_seqlen_q)
+    _check_max(op, "max_seqlen_k", max_seqlen_k)
+    scale, sliding_window, logit_softcap = _check_options(op, q, q.shape[1], q.shape[2], scale, sliding_window,
+                                                          logit_softcap, alibi_slopes)
+    out_shape = (q.shape[0], q.shape[1], v.shape[2])
+    _check_out(op, out, out_shape, q.dtype)
+    _checks.check_same_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                              alibi_slopes=alibi_slopes, out=out)
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+
+    def run_triton():
+        return _prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, scale, causal,
+                               sliding_window, logit_softcap, alibi_slopes, out, paged=False)
+
+    def run_reference():
+        return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sliding_window,
+                                 logit_softcap, alibi_slopes, out)
+
+    _dispatch.dispatch(op, run_triton, run_reference, (q, k, v))
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, kv_seqlens: torch.Tensor, *,
+    max_seqlen_q: int | None = None, max_kv_seqlen: int | None = None,
+    scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
+    logit_softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill (or chunked prefill) attention whose keys live in the paged cache.
+
+    The new tokens' keys and values must already be in the cache; each
+    sequence attends to its cached prefix plus its new tokens.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[total_q, num_q_heads, head_dim]``, float16 / bfloat16 / float32;
+        free token/head strides, contiguous last dimension.
+    key_cache : torch.Tensor
+        ``[num_blocks, block_size, num_kv_heads, head_dim]``, dtype of ``q``;
+        block_size a power of two (1 included); free strides except the last.
+    value_cache : torch.Tensor
+        ``[num_blocks, block_size, num_kv_heads, head_dim_v]``, dtype of ``q``.
+    block_table : torch.Tensor
+        ``[batch, max_blocks_per_seq]``, int32 (int64 accepted): physical
+        block of each logical block, any order.
+    cu_seqlens_q : torch.Tensor
+        ``[batch + 1]``, int32: sequence ``b``'s queries are rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (``q_len_b`` of them).
+    kv_seqlens : torch.Tensor
+        ``[batch]``, int32: ``kv_len_b`` = cached prefix + new tokens
+        (``>= q_len_b`` for a well-formed batch).
+    max_seqlen_q : int, optional
+        Longest ``q_len_b`` (kernel grid; one host sync when None).
+        ``max_kv_seqlen`` is accepted for interface parity.
+    scale, causal, sliding_window, logit_softcap, alibi_slopes, out
+        As in :func:`varlen_attention`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[total_q, num_q_heads, head_dim_v]``, dtype of ``q``.
+
+    Math: as :func:`varlen_attention` with ``k_j``, ``v_j`` read from
+    ``cache[block_table[b, j // block_size], j % block_size]`` for
+    ``0 <= j < kv_len_b``; query ``i`` of sequence ``b`` sits at position
+    ``kv_len_b - q_len_b + i`` (bottom-right causal alignment).
+    """
+    op = "paged_prefill_attention"
+    _checks.check_dtype(op, "q", q, _checks.FLOAT_DTYPES)
+    _checks.check_dim(op, "q", q, 3, "[total_q, num_q_heads, head_dim]")
+    _check_last_dim_contiguous(op, "q", q)
+    _check_cache(op, q, key_cache, value_cache, block_table)
+    _check_heads(op, q.shape[1], key_cache.shape[2], q.shape[2], value_cache.shape[3])
+    _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+    _check_index(op, "kv_seqlens", kv_seqlens, 1, "[batch]")
+    batch = kv_seqlens.shape[0]
+    _checks.check_size(op, "cu_seqlens_q", cu_seqlens_q.shape[0], batch + 1, "length (batch + 1, batch from kv_seqlens)")
+    _checks.check_size(op, "block_table", block_table.shape[0], batch, "rows (batch, from kv_seqlens)")
+    _check_max(op, "max_seqlen_q", max_seqlen_q)
+    _check_max(op, "max_kv_seqlen", max_kv_seqlen)
+    scale, sliding_window, logit_softcap = _check_options(op, q, q.shape[1], q.shape[2], scale, sliding_window,
+                                                          logit_softcap, alibi_slopes)
+    out_shape = (q.shape[0], q.shape[1], value_cache.shape[3])
+    _check_out(op, out, out_shape, q.dtype)
+    _checks.check_same_device(op, q=q, key_cache=key_cache, value_cache=value_cache, block_table=block_table,
+                              cu_seqlens_q=cu_seqlens_q, kv_seqlens=kv_seqlens, alibi_slopes=alibi_slopes,
+                              out=out)
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+
+    def run_triton():
+        return _prefill_triton(q, key_cache, value_cache, cu_seqlens_q, kv_seqlens, block_table, max_seqlen_q,
+                               scale, causal, sliding_window, logit_softcap, alibi_slopes, out, paged=True)
+
+    def run_reference():
+        return _paged_prefill_reference(q, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, scale,
+                                        causal, sliding_window, logit_softcap, alibi_slopes, out)
+
+    _dispatch.dispatch(op, run_triton, run_reference, (q, key_cache, value_cache))
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+    kv_seqlens: torch.Tensor, *,
+    scale: float | None = None, sliding_window: int | None = None, logit_softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None, num_kv_splits: int | None = None, return_lse: bool = False,
+    out: torch.Tensor | None = None,
+):
+    """Decode attention: a few new queries per sequence against the paged cache.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[batch, num_q_heads, head_dim]`` (one new token per sequence) or
+        ``[batch, q_len, num_q_heads, head_dim]`` with ``1 <= q_len <= 8``
+        (speculative/MTP verification: the last ``q_len`` positions, causal
+        among themselves). float16 / bfloat16 / float32, contiguous last dim.
+    key_cache, value_cache, block_table
+        As in :func:`paged_prefill_attention`; the queries' own keys are
+        already in the cache.
+    kv_seqlens : torch.Tensor
+        ``[batch]``, int32 (int64 accepted): keys per sequence, including the
+        ``q_len`` new ones.
+    scale, sliding_window, logit_softcap, alibi_slopes
+        See the module docstring (always causal).
+    num_kv_splits : int, optional
+        Split each sequence's keys into this many slices processed by separate
+        programs, then merged by a reduction kernel (long contexts, small
+        batches). None: chosen from the block table's capacity (shapes only,
+        no host sync; see ``_auto_num_kv_splits``). The result does not depend
+        on it beyond rounding.
+    return_lse : bool
+        Also return the log-sum-exp of each query's scores.
+    out : torch.Tensor, optional
+        ``q.shape[:-1] + (head_dim_v,)``, dtype of ``q``; written and returned.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``[..., num_q_heads, head_dim_v]`` (leading dims of ``q``), dtype of ``q``.
+    lse : torch.Tensor, only with ``return_lse``
+        ``[..., num_q_heads]`` float32, natural log; ``-inf`` for a query with
+        no visible key.
+
+    Math (query ``t`` of sequence ``b`` at ``p = kv_len_b - q_len + t``)::
+
+        s_j   = scale * q . k_j  (softcap, ALiBi as in varlen_attention),  j <= p (and j > p - W)
+        out   = sum_j exp(s_j - lse) v_j,   lse = log sum_j exp(s_j)
+        split-KV: slice r gives (o_r, lse_r) over its keys, then
+        lse = log sum_r exp(lse_r),  out = sum_r exp(lse_r - lse) o_r
+    """
+    op = "paged_decode_attention"
+    _checks.check_dtype(op, "q", q, _checks.FLOAT_DTYPES)
+    _checks.check_dim(op, "q", q, (3, 4), "[batch, num_q_heads, head_dim] or [batch, q_len, num_q_heads, head_dim]")
+    _check_last_dim_contiguous(op, "q", q)
+    q4 = q.unsqueeze(1) if q.dim() == 3 else q
+    query_len = q4.shape[1]
+    if not 1 <= query_len <= MAX_DECODE_QUERY_LEN:
+        raise ValueError(f"{op}: q_len={query_len} is not supported; allowed: 1..{MAX_DECODE_QUERY_LEN} "
+                         "(use paged_prefill_attention for longer chunks)")
+    _check_cache(op, q, key_cache, value_cache, block_table)
+    _check_heads(op, q4.shape[2], key_cache.shape[2], q4.shape[3], value_cache.shape[3])
+    _check_index(op, "kv_seqlens", kv_seqlens, 1, "[batch]")
+    batch = q4.shape[0]
+    _checks.check_size(op, "kv_seqlens", kv_seqlens.shape[0], batch, "length (q's batch)")
+    _checks.check_size(op, "block_table", block_table.shape[0], batch, "rows (q's batch)")
+    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
+                                      or not 1 <= num_kv_splits <= 1024):
+        raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None (auto) "
+                         "or an int in 1..1024")
+    scale, sliding_window, logit_softcap = _check_options(op, q, q4.shape[2], q4.shape[3], scale, sliding_window,
+                                                          logit_softcap, alibi_slopes)
+    out_shape = tuple(q.shape[:-1]) + (value_cache.shape[3],)
+    _check_out(op, out, out_shape, q.dtype)
+    _checks.check_same_device(op, q=q, key_cache=key_cache, value_cache=value_cache, block_table=block_table,
+                              kv_seqlens=kv_seqlens, alibi_slopes=alibi_slopes, out=out)
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(out_shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
+    out4 = out.unsqueeze(1) if q.dim() == 3 else out
+    lse3 = (lse.unsqueeze(1) if q.dim() == 3 else lse) if return_lse else None
+    args = (q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
+            alibi_slopes, num_kv_splits, out4, lse3)
+    _dispatch.dispatch(op, _decode_triton, _decode_reference, (q, key_cache, value_cache), *args)
+    return (out, lse) if return_lse else out
