@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# On a small, busy CPU host torch's OpenMP threads spin-wait and make small ops
+# ~1000x slower; passive waiting costs nothing on a real device.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-fast bench clean
 

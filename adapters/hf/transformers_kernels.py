@@ -103,7 +103,7 @@ def _autograd_needed(*tensors: torch.Tensor) -> bool:
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """hidden_states [..., H] -> rms_norm(hidden_states, weight [H]) in hidden_states.dtype."""
-    from maca_infer.common.ops.rms_norm import rms_norm
+    from maca_infer.common.ops.norm import rms_norm
 
     if _autograd_needed(self.weight, hidden_states):
         return type(self).forward(self, hidden_states)

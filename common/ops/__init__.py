@@ -13,8 +13,8 @@ import importlib
 # public name -> module (under maca_infer.common.ops) that defines it
 _EXPORTS = {
     # norms and activations
-    "rms_norm": "rms_norm",
-    "add_rms_norm": "rms_norm",
+    "rms_norm": "norm",
+    "add_rms_norm": "norm",
     "silu_and_mul": "activation",
     "gelu_and_mul": "activation",
     "rotary_embedding": "rotary",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 OPS = {
-    "maca_infer.common.ops.rms_norm": ("rms_norm",),
+    "maca_infer.common.ops.norm": ("rms_norm",),
     "maca_infer.common.ops.activation": ("silu_and_mul", "gelu_and_mul"),
     "maca_infer.common.ops.rotary": ("apply_rotary",),
     "maca_infer.common.ops.attention": ("varlen_attention",),

@@ -7,9 +7,6 @@ Public functions:
 
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
 from maca_infer.common.ops import _checks, _dispatch
@@ -230,22 +227,3 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     _dispatch.dispatch(op, _rms_norm_triton, _rms_norm_reference, (x, residual, weight),
                        x, residual, weight, float(eps), bool(gemma), out)
     return out, residual
-
-
-class _CallableRmsNormModule(types.ModuleType):
-    """This module, callable as :func:`rms_norm`.
-
-    The function and its module share the name ``rms_norm``. Once anything
-    imports ``maca_infer.common.ops.rms_norm`` (directly, or through the lazy
-    ``ops.add_rms_norm``), Python binds the package attribute ``ops.rms_norm``
-    to this module, shadowing the lazily exported function, and
-    ``ops.rms_norm(x, w)`` would fail. Making the module callable keeps that
-    call working whatever the import order. (The lasting fix belongs in
-    ``ops/__init__.py`` or a module rename; see the ops-A report.)
-    """
-
-    def __call__(self, *args, **kwargs):
-        return rms_norm(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableRmsNormModule
