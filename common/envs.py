@@ -29,6 +29,11 @@ VARIABLES: dict[str, tuple[tuple[str, ...] | None, str, str]] = {
         "",
         "memory the emulated device reports (GiB); default: a quarter of host RAM",
     ),
+    "MACA_INFER_EMU_DEVICE_COUNT": (
+        None,
+        "",
+        "number of emulated maca devices (default 1)",
+    ),
     "MACA_INFER_LOG_LEVEL": (
         ("DEBUG", "INFO", "WARNING", "ERROR"),
         "INFO",

@@ -1,0 +1,100 @@
+"""Shared fixtures (keep this file small).
+
+- ``run_python(code, env=None, timeout=120)``: run ``code`` in a fresh
+  interpreter of this venv from the repository root; maca-infer's own
+  variables are cleared first, so a test states exactly what it sets.
+- ``fake_maca_host``: a temporary MACA_PATH tree with a fake ``mx-smi``
+  (prints recorded output from tests/device/data), ``torch.version.maca``
+  set and the stock-CUDA seam of device detection answering "one MetaX
+  device". No MetaX binary or driver is involved.
+- ``maca_tree_factory``: builds such a tree where a test wants its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton fixes interpreter-vs-compiler mode for its own helpers when it is
+# first imported: the kernel tests need the interpreter on this CPU host, so
+# set it before any test module (or framework) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+import stat
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICE_DATA = REPO_ROOT / "tests" / "device" / "data"
+MACA_TREE_DIRS = ("bin", "lib", "mxgpu_llvm/bin", "mxgpu_llvm/lib", "ompi/lib", "tools/cu-bridge/bin")
+
+
+def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MACA_INFER_")}
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def run_python():
+    def run(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=REPO_ROOT,
+            env=_clean_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@dataclass
+class FakeMacaHost:
+    maca_path: Path
+    mx_smi: Path
+    device_name: str
+    version_maca: str
+
+
+def make_maca_tree(root: Path, smi_fixture: str = "mx-smi_2.2.9_c500x8.txt",
+                   topo_fixture: str = "mx-smi_topo-m_2.2.9_node.txt") -> Path:
+    """A MACA_PATH tree whose bin/mx-smi prints recorded output; returns mx-smi's path."""
+    for rel in MACA_TREE_DIRS:
+        (root / rel).mkdir(parents=True, exist_ok=True)
+    mx_smi = root / "bin" / "mx-smi"
+    mx_smi.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "topo" ]; then cat "{DEVICE_DATA / topo_fixture}"; else cat "{DEVICE_DATA / smi_fixture}"; fi\n'
+    )
+    mx_smi.chmod(mx_smi.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return mx_smi
+
+
+@pytest.fixture
+def fake_maca_host(tmp_path, monkeypatch):
+    import torch
+
+    from maca_infer.common.device import detect
+
+    root = tmp_path / "maca"
+    mx_smi = make_maca_tree(root)
+    host = FakeMacaHost(root, mx_smi, "MetaX C500", "3.3.0.15")
+    monkeypatch.setenv("MACA_PATH", str(root))
+    monkeypatch.setattr(torch.version, "maca", host.version_maca, raising=False)
+    # the one seam where detection asks the hardware
+    monkeypatch.setattr(detect, "_stock_cuda_query", lambda: (True, 1))
+    monkeypatch.setattr(detect, "_device_name", lambda evidence: host.device_name)
+    detect.clear_cache()
+    yield host
+    detect.clear_cache()
+
+
+@pytest.fixture
+def maca_tree_factory():
+    """``make_maca_tree(root, smi_fixture=..., topo_fixture=...)`` for tests that build their own tree."""
+    return make_maca_tree
