@@ -1,0 +1,241 @@
+"""The maca SRTPlatform: SGLang's out-of-tree platform for MetaX MACA GPUs.
+
+SGLang resolves ``current_platform`` once per process (scheduler, detokenizer,
+DP controller included) from the ``sglang.srt.platforms`` entry point; this
+class answers its questions for the maca device that
+``maca_infer.common.device.resolve()`` found:
+
+===========================  ======================  ===========================
+question                     real MACA / CUDA        emulated (CPU plays maca)
+===========================  ======================  ===========================
+torch device of tensors      ``cuda:<rank>``         ``cpu``
+torch.distributed backend    ``nccl`` (MetaX mccl)   ``gloo``
+Triton kernels               yes                     no (torch references)
+decode graph capture         DecodeCudaGraphRunner   no (eager)
+default attention backend    ``maca``                ``maca``
+fused ops (RMSNorm, SiLU)    maca_infer.common.ops   maca_infer.common.ops
+===========================  ======================  ===========================
+
+The dispatch key is ``maca`` (not ``cpu``) so SGLang's ``forward_cpu``
+paths, which need a CPU build of sgl_kernel, are never picked; our OOT
+forwards come first and ``forward_native`` is the fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from sglang.srt.platforms.device_mixin import DeviceCapability, PlatformEnum
+from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
+
+from maca_infer.common import envs
+from maca_infer.common.device import resolve
+from maca_infer.common.log import get_logger
+
+logger = get_logger(__name__)
+
+DISPATCH_KEY = "maca"
+# KV tokens the emulated device reserves when the user sets no
+# --max-total-tokens: SGLang sizes the pool from "free device memory", which on
+# a CPU host is the machine's RAM (the probe saw 72% of it taken).
+EMULATED_DEFAULT_MAX_TOTAL_TOKENS = 16384
+
+
+def _host_ram_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - psutil is optional for us
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _process_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def cpu_binding_for_ranks(ranks: int, cpus: list[int] | None = None) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND value giving ``ranks`` CPU ranks the usable cores.
+
+    Cores are split into contiguous groups, one per rank ("0-3|4-7"); with
+    fewer cores than ranks, ranks share cores round-robin ("0|1|0|1").
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks={ranks} must be >= 1")
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    groups = []
+    if len(cpus) >= ranks:
+        per = len(cpus) // ranks
+        for r in range(ranks):
+            chunk = cpus[r * per:(r + 1) * per]
+            groups.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]))
+    else:
+        groups = [str(cpus[r % len(cpus)]) for r in range(ranks)]
+    return "|".join(groups)
+
+
+class MacaSRTPlatform(SRTPlatform):
+    """SRTPlatform for the maca device (real MetaX GPU, CUDA stand-in, or emulated)."""
+
+    _enum = PlatformEnum.OOT
+    device_name = "maca"
+    supported_quantization = ["moe_wna16", "awq", "gptq"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resolution = resolve()
+        self.emulated = self.resolution.kind == "emulated"
+        # torch's device type for this process's tensors
+        self.device_type = self.resolution.torch_device
+
+    # -- capabilities ---------------------------------------------------------
+
+    @property
+    def capabilities(self) -> PlatformCapabilities:  # type: ignore[override]
+        if self.emulated:
+            # CPU tensors: no Triton launch, no stream capture, no NCCL
+            return PlatformCapabilities()
+        return PlatformCapabilities(supports_triton=True, graph_capture=True)
+
+    # -- device identity and memory --------------------------------------------
+
+    def get_device(self, device_id: int = 0) -> str:
+        # SGLang formats this into server args: a string, never torch.device
+        if self.emulated:
+            return "cpu"
+        return "cuda" if device_id is None else f"cuda:{device_id}"
+
+    def set_device(self, device) -> None:
+        if not self.emulated:
+            torch.cuda.set_device(device)
+
+    def get_device_name(self, device_id: int = 0) -> str:
+        return self.resolution.device_name
+
+    def get_device_uuid(self, device_id: int = 0) -> str:
+        if self.emulated:
+            return f"maca-emulated-{device_id}"
+        return str(torch.cuda.get_device_properties(device_id).uuid)
+
+    def get_device_capability(self, device_id: int = 0) -> Optional[DeviceCapability]:
+        if self.emulated:
+            return None
+        major, minor = torch.cuda.get_device_capability(device_id)
+        return DeviceCapability(major, minor)
+
+    def get_device_total_memory(self, device_id: int = 0) -> int:
+        if self.emulated:
+            budget = envs.emu_memory_bytes()
+            return budget if budget is not None else _host_ram_bytes() // 4
+        return int(torch.cuda.get_device_properties(device_id).total_memory)
+
+    def get_current_memory_usage(self, device=None) -> float:
+        if self.emulated:
+            # the emulated device's memory is this process's RAM
+            return float(_process_rss_bytes())
+        return float(torch.cuda.max_memory_allocated(device))
+
+    def get_available_memory(self, device_id: int = 0) -> tuple[int, int]:
+        total = self.get_device_total_memory(device_id)
+        if self.emulated:
+            return max(0, total - _process_rss_bytes()), total
+        free, total = torch.cuda.mem_get_info(device_id)
+        return int(free), int(total)
+
+    def empty_cache(self) -> None:
+        if not self.emulated:
+            torch.cuda.empty_cache()
+
+    def synchronize(self) -> None:
+        if not self.emulated:
+            torch.cuda.synchronize()
+
+    def is_pin_memory_available(self, device=None) -> bool:
+        return not self.emulated
+
+    # -- distributed -----------------------------------------------------------
+
+    def get_torch_distributed_backend_str(self) -> str:
+        return "gloo" if self.emulated else "nccl"
+
+    def get_group_coordinator_device(self, local_rank: int) -> torch.device:
+        if self.emulated:
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank)
+
+    # -- subsystems --------------------------------------------------------------
+
+    def get_default_attention_backend(self) -> str:
+        return "maca"
+
+    def get_graph_runner_cls(self):
+        if self.emulated:
+            return None  # graph_capture is off: SGLang never asks
+        # SGLang's own decode graph runner: it captures through torch.cuda graphs,
+        # which mcPyTorch provides on a MACA device
+        from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+        return DecodeCudaGraphRunner
+
+    def get_kv_pool_cls(self, *, kind):
+        # SGLang's pools allocate on the platform device and need no change:
+        # our kernels read their flat buffers as paged caches (attention_backend.py).
+        from sglang.srt.mem_cache import memory_pool
+
+        if kind == "mha":
+            return memory_pool.MHATokenToKVPool
+        if kind == "mla":
+            return memory_pool.MLATokenToKVPool
+        # "dsa" (DeepSeek sparse attention) has no maca backend; SGLang asks for
+        # every kind while configuring, so answer "no opinion" instead of failing.
+        return None
+
+    def get_quantization_config(self, quantization: str):
+        # moe_wna16: SGLang's loader, our W4A16 fused MoE / linear (moe_wna16.py)
+        from maca_infer.adapters.sglang.moe_wna16 import quantization_config_for
+
+        return quantization_config_for(quantization)
+
+    def get_compile_backend(self, mode: str | None = None) -> str:
+        return "eager" if self.emulated else "inductor"
+
+    def get_dispatch_key_name(self) -> str:
+        return DISPATCH_KEY
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def apply_server_args_defaults(self, server_args) -> None:
+        """Defaults for flags the user left unset (never overrides a user's choice)."""
+        if getattr(server_args, "attention_backend", None) is None:
+            server_args.attention_backend = "maca"
+        if self.emulated:
+            server_args.disable_cuda_graph = True
+            if getattr(server_args, "max_total_tokens", None) is None:
+                server_args.max_total_tokens = EMULATED_DEFAULT_MAX_TOTAL_TOKENS
+            if getattr(server_args, "sampling_backend", None) is None:
+                server_args.sampling_backend = "pytorch"
+            ranks = 1
+            for name in ("tp_size", "pp_size", "dp_size"):
+                ranks *= int(getattr(server_args, name, 1) or 1)
+            if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+                # SGLang binds each CPU rank's OpenMP threads to one NUMA node and
+                # refuses more ranks than nodes unless told which cores each rank
+                # gets (its own variable); spawned ranks inherit it.
+                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_binding_for_ranks(ranks)
+                logger.info("SGLANG_CPU_OMP_THREADS_BIND=%s (%d CPU ranks on the emulated device)",
+                            os.environ["SGLANG_CPU_OMP_THREADS_BIND"], ranks)
+
+    def init_backend(self) -> None:
+        from maca_infer.adapters.sglang.plugin import register
+
+        register()
+        if self.emulated:
+            logger.info("SGLang runs on the emulated maca device (CPU tensors, torch reference ops)")

@@ -1,0 +1,89 @@
+"""Entry point ``sglang.srt.plugins: maca``: wire maca-infer into SGLang.
+
+SGLang runs general plugins early in every process (before argument parsing
+in the launcher; in every scheduler / detokenizer / DP-controller child).
+:func:`register` does nothing unless the maca platform is the active one, so
+an ordinary SGLang launch in the same environment is untouched. When it is,
+it registers, through SGLang's own extension points only:
+
+- the attention backend ``maca`` (``register_attention_backend``) and its
+  ``--attention-backend`` choice (``add_attention_backend_choices``);
+- the DeepSeek (MLA) forward-method handler for ``maca``
+  (``AttentionBackendRegistry.register``): non-absorbed prefill when no
+  prefix is cached, absorbed MLA otherwise;
+- OOT forwards of RMSNorm / SiluAndMul / RotaryEmbedding (fused_ops.py);
+- the W4A16 fused-MoE path of ``--quantization moe_wna16`` (moe_wna16.py);
+- the ledgered runtime fixes of patching.py (through SGLang's HookRegistry).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from maca_infer.common.log import get_logger, log_once
+
+logger = get_logger(__name__)
+
+_done = False
+
+
+def maca_platform_active() -> bool:
+    from sglang.srt.platforms import current_platform
+
+    return current_platform.is_out_of_tree() and current_platform.device_name == "maca"
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    if not maca_platform_active():
+        return
+    _done = True
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+
+    from maca_infer.adapters.sglang.attention_backend import BACKEND_NAME, create_maca_backend
+    from maca_infer.adapters.sglang.fused_ops import register_fused_op_forwards
+    from maca_infer.adapters.sglang.platform import DISPATCH_KEY
+
+    if BACKEND_NAME not in ATTENTION_BACKENDS:
+        register_attention_backend(BACKEND_NAME)(create_maca_backend)
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
+        add_attention_backend_choices([BACKEND_NAME])
+    _register_deepseek_handler()
+    register_fused_op_forwards(DISPATCH_KEY)
+    from maca_infer.adapters.sglang import patching
+
+    from sglang.srt.platforms import current_platform
+
+    # ledgered runtime fixes, applied by SGLang's HookRegistry
+    patching.register_all(emulated=getattr(current_platform, "emulated", False))
+    from maca_infer.adapters.sglang import moe_wna16
+
+    moe_wna16.register()
+    log_once(logger, logging.INFO, "SGLang: attention backend 'maca', fused ops and moe_wna16 registered")
+
+
+def handle_attention_maca(attn, forward_batch):
+    """DeepSeek forward method for the maca backend.
+
+    Extend batches with no cached prefix run the non-absorbed MHA prefill
+    (per-head K/V from kv_b_proj: ``varlen_attention``); everything else
+    (decode, extend on a cached prefix) runs absorbed MLA over the latent cache
+    (``mla_decode``).
+    """
+    from sglang.srt.models.deepseek_common.attention_backend_handler import _dispatch_mla_subtype
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import AttnForwardMethod
+
+    mode = forward_batch.forward_mode
+    prefix = forward_batch.extend_prefix_lens_cpu
+    if mode.is_extend_without_speculative() and prefix is not None and sum(prefix) == 0:
+        return AttnForwardMethod.MHA
+    return _dispatch_mla_subtype(attn, forward_batch)
+
+
+def _register_deepseek_handler() -> None:
+    from sglang.srt.models.deepseek_common.attention_backend_handler import AttentionBackendRegistry
+
+    AttentionBackendRegistry.register("maca", handle_attention_maca)

@@ -1,0 +1,218 @@
+"""The maca SRTPlatform, its activation rule, the fused-op forwards and the patch ledger.
+
+No server here: SGLang's classes are built in-process on CPU. The fused-op
+forwards are compared with SGLang's own ``forward_native`` and a float64
+computation; the ledger test resolves every runtime fix's target in the
+installed SGLang (it fails when an upgrade moves one).
+"""
+
+from __future__ import annotations
+
+import pkgutil
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from maca_infer.adapters.sglang import patching, platform_plugin  # noqa: E402
+from maca_infer.adapters.sglang.fused_ops import (  # noqa: E402
+    _rmsnorm_forward,
+    _rotary_forward,
+    _silu_and_mul_forward,
+    _unquantized_moe_forward,
+)
+from maca_infer.adapters.sglang.moe_wna16 import unpack_row_pairs  # noqa: E402
+from maca_infer.adapters.sglang.platform import MacaSRTPlatform, cpu_binding_for_ranks  # noqa: E402
+from maca_infer.common.device import detect  # noqa: E402
+
+
+@pytest.fixture
+def fresh_resolution(monkeypatch):
+    monkeypatch.delenv("SGLANG_PLATFORM", raising=False)
+    monkeypatch.delenv("MACA_INFER_DEVICE", raising=False)
+    detect.clear_cache()
+    yield monkeypatch
+    detect.clear_cache()
+
+
+def test_inactive_on_a_plain_cpu_host(fresh_resolution):
+    """Installing maca-infer must not hijack an ordinary SGLang launch."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU host resolves to a device")
+    assert detect.resolve().kind == "emulated"
+    ok, why = platform_plugin.should_activate()
+    assert not ok and "auto" in why
+
+
+@pytest.mark.parametrize("env", [{"MACA_INFER_DEVICE": "emulated"}, {"SGLANG_PLATFORM": "maca"}])
+def test_active_when_requested(fresh_resolution, env):
+    for k, v in env.items():
+        fresh_resolution.setenv(k, v)
+    ok, why = platform_plugin.should_activate()
+    assert ok, why
+
+
+def test_bad_device_value_is_an_error(fresh_resolution):
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="gpu0"):
+        platform_plugin.should_activate()
+
+
+def test_emulated_platform_answers(fresh_resolution):
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    plat = MacaSRTPlatform()
+    assert plat.is_out_of_tree() and plat.device_name == "maca"
+    assert plat.get_device(0) == "cpu" and isinstance(plat.get_device(1), str)
+    caps = plat.capabilities
+    assert not caps.supports_triton and not caps.graph_capture and not caps.supports_pynccl
+    assert plat.get_torch_distributed_backend_str() == "gloo"
+    assert plat.get_dispatch_key_name() == "maca"
+    assert plat.get_default_attention_backend() == "maca"
+    assert plat.get_kv_pool_cls(kind="mha") is MHATokenToKVPool
+    assert plat.get_kv_pool_cls(kind="mla") is MLATokenToKVPool
+    assert plat.get_kv_pool_cls(kind="dsa") is None
+    assert plat.get_graph_runner_cls() is None
+    free, total = plat.get_available_memory()
+    assert 0 <= free <= total
+
+
+def test_server_args_defaults_keep_user_choices(fresh_resolution):
+    from types import SimpleNamespace
+
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    fresh_resolution.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0")  # keep the test from writing os.environ
+    plat = MacaSRTPlatform()
+    unset = SimpleNamespace(attention_backend=None, max_total_tokens=None, sampling_backend=None, tp_size=1)
+    plat.apply_server_args_defaults(unset)
+    assert unset.attention_backend == "maca" and unset.disable_cuda_graph is True
+    assert unset.max_total_tokens > 0 and unset.sampling_backend == "pytorch"
+    chosen = SimpleNamespace(attention_backend="torch_native", max_total_tokens=1234, sampling_backend="pytorch")
+    plat.apply_server_args_defaults(chosen)
+    assert chosen.attention_backend == "torch_native" and chosen.max_total_tokens == 1234
+
+
+def test_cpu_binding_for_ranks():
+    assert cpu_binding_for_ranks(2, [0, 1, 2, 3]) == "0-1|2-3"
+    assert cpu_binding_for_ranks(4, [0, 1]) == "0|1|0|1"
+    assert cpu_binding_for_ranks(1, [5]) == "5"
+    with pytest.raises(ValueError, match="ranks=0"):
+        cpu_binding_for_ranks(0, [0])
+
+
+# ---------------------------------------------------------------- fused ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_forward_matches_native_and_float64(dtype):
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.randn(96)
+    x = torch.randn(7, 96).to(dtype)
+    res = torch.randn(7, 96).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+    out = _rmsnorm_forward(norm, x)
+    ref64 = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    torch.testing.assert_close(out.double(), ref64, **tol)
+    torch.testing.assert_close(out, norm.forward_native(x), **tol)
+
+    ours_res = res.clone()
+    normed, new_res = _rmsnorm_forward(norm, x, ours_res)
+    native_normed, native_res = norm.forward_native(x, res.clone())
+    torch.testing.assert_close(new_res, native_res, atol=0, rtol=0)
+    torch.testing.assert_close(normed, native_normed, **tol)
+
+
+def test_silu_and_mul_forward_matches_native():
+    from sglang.srt.layers.activation import SiluAndMul
+
+    x = torch.randn(5, 2 * 48)
+    op = SiluAndMul()
+    torch.testing.assert_close(_silu_and_mul_forward(op, x), op.forward_native(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rotary_forward_matches_native(neox, fresh_resolution):
+    from sglang.srt.layers.rotary_embedding import base
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    # built as in a maca server process (the test process resolved SGLang's
+    # platform at import, before any maca request)
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    fresh_resolution.setattr(base, "current_platform", MacaSRTPlatform())
+    rope = RotaryEmbedding(head_size=64, rotary_dim=32, max_position_embeddings=256, base=10000,
+                           is_neox_style=neox, dtype=torch.float32)
+    positions = torch.tensor([0, 5, 17, 200, 3])
+    q = torch.randn(5, 4 * 64)
+    k = torch.randn(5, 2 * 64)
+    q_ours, k_ours = _rotary_forward(rope, positions, q.clone(), k.clone())
+    q_ref, k_ref = rope.forward_native(positions, q.clone(), k.clone())
+    torch.testing.assert_close(q_ours, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_ours, k_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unquantized_moe_forward_matches_native_and_float64():
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
+
+    torch.manual_seed(1)
+    E, H, I, T, k = 6, 32, 48, 9, 2
+    layer = SimpleNamespace(num_experts=E, w13_weight=torch.randn(E, 2 * I, H) * 0.2,
+                            w2_weight=torch.randn(E, H, I) * 0.2)
+    cfg = SimpleNamespace(activation="silu", apply_router_weight_on_input=False, gemm1_alpha=None,
+                          gemm1_clamp_limit=None)
+    x = torch.randn(T, H)
+    weights = torch.rand(T, k)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+    method = SimpleNamespace(moe_runner_config=cfg, forward_native=None)
+    out = _unquantized_moe_forward(method, layer, SimpleNamespace(hidden_states=x, topk_output=(weights, ids, None)))
+    native = moe_forward_native(layer, x, (weights, ids, None), cfg)
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            gate_up = layer.w13_weight[e].double() @ x[t].double()
+            h = torch.nn.functional.silu(gate_up[:I]) * gate_up[I:]
+            ref[t] += weights[t, j].double() * (layer.w2_weight[e].double() @ h)
+    torch.testing.assert_close(out.hidden_states.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.hidden_states, native, atol=1e-4, rtol=1e-4)
+
+
+def test_unpack_row_pairs_matches_sglang_packing():
+    """moe_wna16 packs zero points two rows per byte (awq loader: high = odd row)."""
+    zeros = torch.randint(0, 16, (3, 8, 5), dtype=torch.uint8)
+    packed = zeros[:, 1::2, :] * 16 + zeros[:, ::2, :]
+    assert torch.equal(unpack_row_pairs(packed), zeros)
+
+
+# ---------------------------------------------------------------- ledger
+
+
+def test_every_runtime_fix_is_ledgered_and_resolves():
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    assert not patching.LEDGER, "another test left runtime fixes registered"
+    try:
+        patching.register_all(emulated=True)
+        assert len(patching.LEDGER) >= 5
+        for target, entry in patching.LEDGER.items():
+            assert entry.why and entry.how and entry.remove_when and "0.5" in entry.upstream_versions
+            pkgutil.resolve_name(target)  # still exists in the installed SGLang
+        with pytest.raises(RuntimeError, match="already"):
+            patching.hook(next(iter(patching.LEDGER)), lambda *a, **k: None, why="x", how="x",
+                          upstream_versions="x", remove_when="x")
+        assert "| `sglang.srt" in patching.ledger_markdown()
+    finally:
+        patching.restore_values()
+        for target in list(patching.LEDGER):
+            HookRegistry._hooks.pop(target, None)
+        patching.LEDGER.clear()
+    from sglang.srt.model_executor import forward_batch_info
+
+    assert forward_batch_info._is_cpu is False  # restored
