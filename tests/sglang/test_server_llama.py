@@ -130,3 +130,63 @@ def requests_get_json(url):
     r = requests.get(url, timeout=30)
     assert r.status_code == 200, r.text[:500]
     return r.json()
+
+
+def test_maca_infer_bench_serving_against_the_real_server(server, model_path, model_and_page, tmp_path):
+    """Our load generator (maca-infer bench serving) on the real server: every request completes."""
+    if model_and_page[0] != "llama":
+        pytest.skip("runs once, against the Llama server")
+    import json
+
+    out = tmp_path / "serving.json"
+    cmd = [sys.executable, "-m", "maca_infer", "bench", "serving", "--url", server.url, "--tokenizer", str(model_path),
+           "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--max-concurrency", "2",
+           "--no-progress", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["completed"] == 4 and summary["errors"] == 0
+    assert summary["total_output_tokens"] == 16  # ignore_eos: every request runs to its length
+    assert summary["ttft_ms"]["median"] > 0
+
+
+def test_maca_infer_eval_mmlu_against_the_real_server(server, model_path, model_and_page, tmp_path):
+    """maca-infer eval mmlu on the real server; each recorded answer is re-asked directly and must agree."""
+    if model_and_page[0] != "llama":
+        pytest.skip("runs once, against the Llama server")
+    import csv
+    import json
+
+    from maca_infer.eval import mmlu
+    from maca_infer.eval.common import choice_from_logprobs, parse_choice
+
+    data = tmp_path / "mmlu"
+    for split in ("dev", "test"):
+        (data / split).mkdir(parents=True)
+    for subject in ("astronomy", "virology"):
+        for split, n in (("dev", 2), ("test", 3)):
+            with open(data / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                for i in range(n):
+                    w.writerow([f"{subject} question {i}, \"quoted\"?", "one", "two", "three", "four", "ABCD"[i % 4]])
+    out = tmp_path / "mmlu.json"
+    cmd = [sys.executable, "-m", "maca_infer", "eval", "mmlu", "--url", server.url, "--data-dir", str(data),
+           "--ntrain", "1", "--concurrency", "1", "--no-progress", "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["n_questions"] == 6 and set(summary["subjects"]) == {"astronomy", "virology"}
+
+    dev, questions = mmlu.load(data)
+    answers = {json.loads(line)["key"]: json.loads(line)
+               for line in (tmp_path / "mmlu.json.answers.jsonl").read_text().splitlines()}
+    correct = 0
+    for q in questions:
+        reply = server.post("/v1/completions", {"model": str(model_path), "prompt": mmlu.build_prompt(q, dev, 1),
+                                                "max_tokens": 4, "temperature": 0, "logprobs": 5})
+        choice = reply["choices"][0]
+        pred = choice_from_logprobs((choice.get("logprobs") or {}).get("top_logprobs")) or parse_choice(choice["text"])
+        assert answers[q.key]["text"] == choice["text"]
+        assert answers[q.key]["pred"] == pred
+        correct += pred == q.answer
+    assert summary["micro_accuracy"] == pytest.approx(correct / len(questions))
