@@ -1,0 +1,420 @@
+"""maca-infer's runtime fixes to LMDeploy's maca backend (all via ``patching.patch``).
+
+1. ``MacaOpsBackend.update_step_context`` (LMDeploy 0.18.0): upstream builds
+   ``DlinferAttentionMetadata(max_q_seq_len=...)`` but the 0.18 dataclass
+   has ``max_q_seqlen`` plus ``cu_seqlens_q``, ``cu_seqlens_q_cpu`` and
+   ``kv_seqlens_cpu`` that ``DlinferAttentionImpl`` reads: every maca run
+   dies with a TypeError at the first step, on real MetaX hardware too.
+   Ours builds the complete metadata (vectorised slot computation, no
+   per-sequence Python loop).
+2. ``MacaOpsBackend.build_graph_runner``: LMDeploy reuses the CUDA graph
+   runner for maca, whose buffer filling (``CudaGraphMixin``) runs a CUDA
+   Triton kernel and knows nothing of dlinfer's metadata
+   (``kv_start_indices``, the CPU length tensors). Ours keeps LMDeploy's
+   runner and swaps in maca buffer handling for the captured decode graphs.
+
+Each function here is installed by ``apply()``, which the import hook runs
+right after LMDeploy imports ``lmdeploy.pytorch.backends.dlinfer.maca.op_backend``.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+
+from maca_infer.adapters.lmdeploy.patching import is_patched, patch
+from maca_infer.common.log import get_logger, log_once
+
+logger = get_logger(__name__)
+
+UPSTREAM_VERSIONS = "lmdeploy 0.18.0"
+
+
+# --------------------------------------------------------------------------- step context
+
+
+def flat_slots(block_offsets: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor,
+               block_size: int) -> torch.Tensor:
+    """Cache slot of every new token.
+
+    Args:
+        block_offsets: [B, max_blocks] physical block ids per sequence.
+        q_seqlens: [B] new tokens per sequence; kv_seqlens: [B] cached + new tokens.
+        block_size: BS.
+
+    Returns:
+        [sum(q_seqlens)] int64 ``block_offsets[b, p // BS] * BS + p % BS`` for the new
+        positions ``p in [kv_b - q_b, kv_b)`` of each sequence b, in token order.
+    """
+    device = block_offsets.device
+    q_lens = q_seqlens.to(device=device, dtype=torch.long)
+    kv_lens = kv_seqlens.to(device=device, dtype=torch.long)
+    batch = q_lens.numel()
+    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=device), q_lens)
+    first_token = torch.cumsum(q_lens, 0) - q_lens
+    token_ids = torch.arange(seq_of_token.numel(), device=device)
+    positions = token_ids - first_token[seq_of_token] + (kv_lens - q_lens)[seq_of_token]
+    blocks = block_offsets.long()[seq_of_token, positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+def maca_update_step_context(cls, step_context):
+    """Build ``DlinferAttentionMetadata`` for one engine step (see module doc, fix 1)."""
+    key_cache = step_context.kv_caches[0][0]
+    block_size = int(key_cache.shape[1])  # caches are [num_blocks, block_size, kv_heads, head_dim]
+
+    q_seqlens = step_context.q_seqlens.to(torch.int32)
+    kv_seqlens = step_context.kv_seqlens.to(torch.int32)
+    block_offsets = step_context.block_offsets.to(torch.int32)
+    cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_seqlens, 0, dtype=torch.int32), (1, 0))
+
+    # the host copies feed LMDeploy's kernel wrappers (they slice cu_seqlens_q_cpu[1:]);
+    # one sync per step, the same as upstream's .item() calls
+    q_cpu = q_seqlens.cpu()
+    kv_cpu = kv_seqlens.cpu()
+    max_q_seqlen = step_context.max_q_seqlen or int(q_cpu.max())
+    max_kv_seqlen = step_context.max_kv_seqlen or int(kv_cpu.max())
+    is_prefill_no_cache = (not step_context.is_decoding) and bool(torch.equal(q_cpu, kv_cpu))
+
+    kv_start_indices = flat_slots(block_offsets, q_seqlens, kv_seqlens, block_size)
+
+    attn_meta_cls = cls.get_attention_metadata_cls()
+    step_context.attn_metadata = attn_meta_cls(
+        step_context.is_decoding,
+        block_offsets,
+        q_start_loc=cu_seqlens_q[:-1],
+        q_seqlens=q_seqlens,
+        kv_seqlens=kv_seqlens,
+        cu_seqlens_q=cu_seqlens_q,
+        kv_start_indices=kv_start_indices,
+        block_size=block_size,
+        attention_mask=[],
+        is_prefill_no_cache=is_prefill_no_cache,
+        max_q_seqlen=int(max_q_seqlen),
+        max_kv_seq_len=int(max_kv_seqlen),
+        kv_flatten_size=int(step_context.sum_kv_seqlen or int(kv_cpu.sum())),
+        cu_seqlens_q_cpu=torch.nn.functional.pad(torch.cumsum(q_cpu, 0, dtype=torch.int32), (1, 0)),
+        kv_seqlens_cpu=kv_cpu,
+        quant_policy=step_context.kv_quant_policy,
+    )
+    return step_context
+
+
+# --------------------------------------------------------------------------- graph runner
+
+
+def make_buffers_maca(graph_meta, input_ids, position_ids, past_key_values, attn_metadata,
+                      inputs_embeds=None, **kwargs) -> dict[str, torch.Tensor]:
+    """Stable input buffers of one captured decode graph (addresses never change)."""
+    max_batches = graph_meta.max_batchs
+    max_tokens = graph_meta.max_tokens
+    device = graph_meta.device
+    buffers: dict[str, torch.Tensor] = {
+        "input_ids": torch.zeros((1, max_tokens), dtype=torch.int64, device=device),
+        "position_ids": torch.zeros((1, max_tokens), dtype=torch.int64, device=device),
+        "block_offsets": torch.zeros((max_batches, graph_meta.num_blocks), dtype=torch.int32, device=device),
+        "q_seqlens": torch.zeros(max_batches, dtype=torch.int32, device=device),
+        "kv_seqlens": torch.zeros(max_batches, dtype=torch.int32, device=device),
+        "cu_seqlens_q": torch.zeros(max_batches + 1, dtype=torch.int32, device=device),
+        "kv_start_indices": torch.full((max_tokens,), -1, dtype=torch.int64, device=device),
+        "local_adapter_ids": torch.zeros(max_batches, dtype=torch.int64, device=device),
+    }
+    return buffers
+
+
+def fill_buffers_maca(graph_meta, input_ids, position_ids, past_key_values, attn_metadata, inputs_embeds=None,
+                      **kwargs) -> dict[str, Any]:
+    """Copy this step's inputs into the graph's buffers; padded sequences get no keys
+    (kv_seqlens 0, slot -1: nothing is written to the cache for them)."""
+    buffers = graph_meta.input_buffers
+    batch, num_blocks = attn_metadata.block_offsets.shape
+    num_tokens = input_ids.size(-1)
+    q_len = max(1, num_tokens // max(1, batch))
+    max_batches = buffers["q_seqlens"].numel()
+
+    buffers["input_ids"].zero_()
+    buffers["input_ids"][:, :num_tokens] = input_ids
+    buffers["position_ids"].zero_()
+    buffers["position_ids"][:, :num_tokens] = position_ids
+    buffers["block_offsets"].zero_()
+    buffers["block_offsets"][:batch, :num_blocks] = attn_metadata.block_offsets
+    buffers["q_seqlens"].fill_(q_len)
+    buffers["q_seqlens"][:batch] = attn_metadata.q_seqlens
+    buffers["kv_seqlens"].zero_()
+    buffers["kv_seqlens"][:batch] = attn_metadata.kv_seqlens
+    # padded sequences keep q_len tokens each so the token count matches max_tokens
+    buffers["cu_seqlens_q"].copy_(torch.arange(max_batches + 1, dtype=torch.int32,
+                                               device=buffers["cu_seqlens_q"].device) * q_len)
+    buffers["cu_seqlens_q"][:batch + 1] = attn_metadata.cu_seqlens_q
+    buffers["cu_seqlens_q"][batch + 1:] += int(attn_metadata.cu_seqlens_q[-1]) - batch * q_len
+    buffers["kv_start_indices"].fill_(-1)
+    buffers["kv_start_indices"][:num_tokens] = attn_metadata.kv_start_indices.reshape(-1)
+
+    if inputs_embeds is not None:
+        if "inputs_embeds" not in buffers:
+            buffers["inputs_embeds"] = inputs_embeds.new_zeros(1, buffers["input_ids"].size(-1), inputs_embeds.size(-1))
+        buffers["inputs_embeds"][:, :num_tokens] = inputs_embeds
+
+    attn_metadata.block_offsets = buffers["block_offsets"]
+    attn_metadata.q_seqlens = buffers["q_seqlens"]
+    attn_metadata.kv_seqlens = buffers["kv_seqlens"]
+    attn_metadata.cu_seqlens_q = buffers["cu_seqlens_q"]
+    attn_metadata.q_start_loc = buffers["cu_seqlens_q"][:-1]
+    attn_metadata.kv_start_indices = buffers["kv_start_indices"]
+    # inside a graph the lengths must come from the buffers, not from host copies
+    attn_metadata.cu_seqlens_q_cpu = buffers["cu_seqlens_q"]
+    attn_metadata.kv_seqlens_cpu = buffers["kv_seqlens"]
+
+    new_inputs = dict(past_key_values=past_key_values, attn_metadata=attn_metadata)
+    new_inputs.update(kwargs)
+    new_inputs["input_ids"] = buffers["input_ids"]
+    new_inputs["position_ids"] = buffers["position_ids"]
+    if inputs_embeds is not None:
+        new_inputs["inputs_embeds"] = buffers["inputs_embeds"]
+    return new_inputs
+
+
+def update_context_maca(graph_meta, context) -> None:
+    buffers = graph_meta.input_buffers
+    if context.local_adapter_ids is not None:
+        buffers["local_adapter_ids"].zero_()
+        buffers["local_adapter_ids"][:context.local_adapter_ids.size(0)] = context.local_adapter_ids
+        context.local_adapter_ids = buffers["local_adapter_ids"]
+    context.q_seqlens = buffers["q_seqlens"]
+    context.kv_seqlens = buffers["kv_seqlens"]
+    context.q_start_loc = buffers["cu_seqlens_q"][:-1]
+    context.block_offsets = buffers["block_offsets"]
+
+
+class _MacaGraphModelView:
+    """The model as the single-graph runner sees it: LMDeploy's model with the
+    three buffer methods replaced by the maca ones above."""
+
+    def __init__(self, model: torch.nn.Module):
+        object.__setattr__(self, "_model", model)
+
+    def make_buffers_cudagraph(self, graph_meta, *args, **kwargs):
+        return make_buffers_maca(graph_meta, *args, **kwargs)
+
+    def fill_buffers_cudagraph(self, graph_meta, *args, **kwargs):
+        return fill_buffers_maca(graph_meta, *args, **kwargs)
+
+    def update_context_cudagraph(self, graph_meta, context):
+        return update_context_maca(graph_meta, context)
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _graph_runner_classes():
+    """Subclasses of LMDeploy's CUDA graph runners, built lazily (LMDeploy is
+    imported by then: this runs from inside ``build_graph_runner``)."""
+    from lmdeploy.pytorch.backends.cuda.graph_runner.full_graph import CUDASingleGraphRunner
+    from lmdeploy.pytorch.backends.cuda.graph_runner.runner import CUDAGraphRunner
+
+    class MacaSingleGraphRunner(CUDASingleGraphRunner):
+        def __init__(self, model, *args, **kwargs):
+            super().__init__(model, *args, **kwargs)
+            self.model = _MacaGraphModelView(model)
+            from maca_infer.common.device import is_emulated
+
+            if is_emulated() and self._use_graph:
+                # The emulated device can capture and replay aten ops, but the torch
+                # reference ops (paged decode attention, fused MoE) pick their work by
+                # the lengths in the batch: data-dependent shapes a replay cannot
+                # repeat. So the graph runner keeps its static buffers and padding
+                # and re-runs the forward on them: LMDeploy's own fake-capture mode.
+                log_once(logger, logging.INFO,
+                         "maca decode graphs on the emulated device: static buffers + padded batches as "
+                         "captured, forward re-run per step (LMDeploy fake capture); real capture on MACA")
+                self._use_graph = False
+
+    class MacaGraphRunner(CUDAGraphRunner):
+        """LMDeploy's graph runner with maca decode-graph buffers."""
+
+        def _capture_full_graph(self, graph_key, kwargs):
+            runner = MacaSingleGraphRunner(
+                self.model,
+                model_forward=self._get_decode_model_forward(),
+                max_batches=graph_key[0],
+                max_tokens=self._get_max_tokens(graph_key, kwargs["input_ids"], kwargs["attn_metadata"].q_seqlens),
+                num_blocks=self.num_blocks,
+                is_decoding=graph_key[1],
+                decode_query_len=graph_key[3],
+                pool=self._full_graph_pool_handle,
+                model_config=self.model_config,
+                device=self.device,
+            )
+            output = runner.capture(**kwargs)
+            self._full_graph_runners[graph_key] = runner
+            return output
+
+    return MacaGraphRunner
+
+
+graph_runners_built = 0  # how many maca graph runners this process built (the doctor and tests read it)
+
+
+def maca_build_graph_runner(model, model_config, cache_config, backend_config, device):
+    """Graph runner for maca (see module doc, fix 2)."""
+    global graph_runners_built
+    graph_runners_built += 1
+    return _graph_runner_classes()(model, model_config, cache_config, backend_config, device)
+
+
+def _emulated() -> bool:
+    from maca_infer.common.device import is_emulated
+
+    return is_emulated()
+
+
+def _collective_backends(upstream_ccl_backend, upstream_support_ray):
+    """ccl_backend/support_ray for maca: unchanged on a device; on the emulated device
+    the collectives run on host tensors (gloo) and the workers are local processes (mp)."""
+
+    def ccl_backend() -> str:
+        return "gloo" if _emulated() else upstream_ccl_backend()
+
+    def support_ray() -> bool:
+        return False if _emulated() else upstream_support_ray()
+
+    return ccl_backend, support_ray
+
+
+def apply(op_backend_module: types.ModuleType) -> None:
+    """Install the fixes on ``MacaOpsBackend`` (idempotent per process)."""
+    from maca_infer.adapters.lmdeploy import activate
+
+    activate()  # version check: these fixes are written for the supported range only
+    backend = op_backend_module.MacaOpsBackend
+    if is_patched(backend, "update_step_context"):
+        return
+    patch(
+        backend, "update_step_context", classmethod(maca_update_step_context),
+        why="0.18.0 passes max_q_seq_len= to DlinferAttentionMetadata, which now wants max_q_seqlen, "
+            "cu_seqlens_q, cu_seqlens_q_cpu and kv_seqlens_cpu: TypeError at the first step on every maca host",
+        upstream_versions=UPSTREAM_VERSIONS,
+        remove_when="LMDeploy's MacaOpsBackend.update_step_context fills the 0.18 DlinferAttentionMetadata fields",
+    )
+    patch(
+        backend, "build_graph_runner", staticmethod(maca_build_graph_runner),
+        why="the CUDA graph runner's buffer filling runs a CUDA-only Triton kernel and drops dlinfer's "
+            "kv_start_indices/host length tensors, so maca decode graphs cannot be captured",
+        upstream_versions=UPSTREAM_VERSIONS,
+        remove_when="LMDeploy ships maca cudagraph buffer handling (dlinfer's maca_cudagraph equivalent) "
+                    "for the 0.18 graph runner",
+    )
+    ccl_backend, support_ray = _collective_backends(backend.ccl_backend, backend.support_ray)
+    patch(
+        backend, "ccl_backend", staticmethod(ccl_backend),
+        why="tensor parallelism on the emulated maca device: LMDeploy's default 'nccl' cannot run on host "
+            "tensors; gloo can (a real MACA device keeps upstream's choice)",
+        upstream_versions=UPSTREAM_VERSIONS,
+        remove_when="never for the emulated device (it is maca-infer's); on devices nothing changes",
+    )
+    patch(
+        backend, "support_ray", staticmethod(support_ray),
+        why="MacaOpsBackend.support_ray() is True, so --tp 2 picks the ray executor; on the emulated device "
+            "the ranks are local processes and ray is neither needed nor installed (mp executor instead)",
+        upstream_versions=UPSTREAM_VERSIONS,
+        remove_when="never for the emulated device; on devices nothing changes",
+    )
+
+
+# --------------------------------------------------------------------------- mp engine start-up race
+
+
+
+
+class _ReleaseTolerantCondition:
+    """A manager Condition whose final release survives the manager shutting down.
+
+    LMDeploy's api_server parent leaves its ``mp.Manager()`` block as soon as it
+    reads the engine's RPC port; the engine child is then still inside
+    ``with condition:`` and its release round-trip can hit a manager that is
+    already gone (EOFError), killing the engine before it starts. The parent
+    only wakes after the release took effect, so a lost reply is harmless.
+    """
+
+    def __init__(self, condition):
+        self._condition = condition
+
+    def __enter__(self):
+        return self._condition.__enter__()
+
+    def __exit__(self, *exc_info):
+        try:
+            return self._condition.__exit__(*exc_info)
+        except (EOFError, ConnectionError, BrokenPipeError):
+            return False
+
+    def __getattr__(self, name):
+        return getattr(self._condition, name)
+
+
+def apply_zmq_engine_fix(zmq_engine_module: types.ModuleType) -> None:
+    """Install the start-up race fix on ``ZMQMPEngine._mp_proc`` (idempotent per process).
+
+    The engine child is spawned with ``target=ZMQMPEngine._mp_proc``, pickled by
+    qualified name, so the replacement keeps that name and the child (where the
+    same import hook runs) resolves it to the same wrapper.
+    """
+    from maca_infer.common import versions
+
+    engine_cls = zmq_engine_module.ZMQMPEngine
+    if is_patched(engine_cls, "_mp_proc") or not versions.status("lmdeploy").ok:
+        return  # outside the supported range the maca path refuses to start anyway
+    upstream_mp_proc = engine_cls.__dict__["_mp_proc"].__func__
+
+    def _mp_proc(shared_dict, condition, *args, **kwargs):
+        return upstream_mp_proc(shared_dict, _ReleaseTolerantCondition(condition), *args, **kwargs)
+
+    _mp_proc.__module__ = zmq_engine_module.__name__
+    _mp_proc.__qualname__ = f"{engine_cls.__name__}._mp_proc"
+    patch(
+        engine_cls, "_mp_proc", staticmethod(_mp_proc),
+        why="race at api_server start: the parent shuts its mp.Manager down right after reading the engine's "
+            "RPC port while the engine child is still releasing the manager Condition -> EOFError kills the "
+            "engine (seen under CPU load on every device type)",
+        upstream_versions=UPSTREAM_VERSIONS,
+        remove_when="LMDeploy keeps the Manager alive until the engine child has left `with condition:` "
+                    "(or stops using a Manager Condition for the port hand-off)",
+    )
+
+
+# --------------------------------------------------------------------------- tensor-parallel process group
+
+
+def apply_worker_fix(base_worker_module: types.ModuleType) -> None:
+    """Make tensor-parallel workers create their process group with the maca backend's
+    collective (``ccl_backend``) instead of the default device's (idempotent)."""
+    from maca_infer.common import versions
+
+    worker_cls = base_worker_module.WorkerWrapperBase
+    if is_patched(worker_cls, "init_process_group") or not versions.status("lmdeploy").ok:
+        return
+    upstream_init = worker_cls.__dict__["init_process_group"]
+
+    def init_process_group(self, rank: int, master_addr: str = None, master_port: str = None):
+        if getattr(self, "device_type", None) != "maca":
+            return upstream_init(self, rank, master_addr, master_port)
+        from lmdeploy.pytorch.devices import DeviceContext, get_device_manager
+
+        # dist_utils.init_process_group asks get_backend() without a device type,
+        # i.e. the process's default ("cuda") backend: answer for maca instead
+        with get_device_manager().context(DeviceContext(self.device_type)):
+            return upstream_init(self, rank, master_addr, master_port)
+
+    patch(
+        worker_cls, "init_process_group", init_process_group,
+        why="tp>1 workers create the default process group with get_backend() of the default device "
+            "context ('cuda' -> 'nccl'), ignoring MacaOpsBackend.ccl_backend(); the emulated device needs gloo",
+        upstream_versions=UPSTREAM_VERSIONS,
+        remove_when="LMDeploy's dist_utils.init_process_group uses the worker's device_type backend",
+    )
