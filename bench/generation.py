@@ -6,8 +6,8 @@ upstream removed and which never took a device): for each (concurrency,
 prompt tokens, completion tokens) it runs warm-up rounds, then ``--test-round``
 rounds of ``concurrency`` requests at once, and reports first-token latency
 min/max/avg, per-token latency percentiles 50/75/95/99, and output and total
-token throughput. Prompts are random token ids decoded to text; the token
-counts reported are the engine's own (``input_token_len``,
+token throughput. Prompts are random token ids decoded to text that re-encodes
+to exactly the asked length; the token counts reported are the engine's own (``input_token_len``,
 ``generate_token_len``), with ``ignore_eos`` so every request runs to length.
 """
 
@@ -51,10 +51,41 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _prompts(tokenizer, n: int, length: int, rng: random.Random) -> list[str]:
+def _prompt_of_length(tokenizer, length: int, rng: random.Random, vocab: list[int]) -> str:
+    """Text that re-encodes to exactly ``length`` tokens (special tokens aside).
+
+    Decoding random ids and encoding the text again merges or splits some
+    tokens; re-cutting to the target a few times settles on an exact length.
+    """
+    ids = [rng.choice(vocab) for _ in range(length)]
+    for _ in range(8):
+        text = tokenizer.decode(ids)
+        again = tokenizer.encode(text, add_special_tokens=False)
+        if len(again) == length:
+            return text
+        ids = (again + [rng.choice(vocab) for _ in range(length)])[:length]
+    raise RuntimeError(f"could not build a prompt of exactly {length} tokens with this tokenizer")
+
+
+def _word_vocab(tokenizer, limit: int = 50000) -> list[int]:
+    """Ids of whole-word tokens (" word") that decode and re-encode to themselves:
+    strung together they re-encode to the same ids, so prompt lengths are exact."""
     special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
-    return [tokenizer.decode([rng.choice(vocab) for _ in range(length)]) for _ in range(n)]
+    words = []
+    for i in range(min(len(tokenizer), limit)):
+        if i in special:
+            continue
+        text = tokenizer.decode([i])
+        if len(text) > 1 and text[0] == " " and text[1:].isalpha() and \
+                tokenizer.encode(text, add_special_tokens=False) == [i]:
+            words.append(i)
+    if len(words) < 16:
+        raise RuntimeError(f"the tokenizer has only {len(words)} whole-word tokens: cannot build exact-length prompts")
+    return words
+
+
+def _prompts(tokenizer, n: int, length: int, rng: random.Random, vocab: list[int]) -> list[str]:
+    return [_prompt_of_length(tokenizer, length, rng, vocab) for _ in range(n)]
 
 
 def profile_one(pipe, gen_config, prompts: list[str]) -> dict:
@@ -93,17 +124,20 @@ def run(args: argparse.Namespace) -> int:
                                  tp=args.tp, eager_mode=args.eager_mode, session_len=session_len,
                                  cache_max_entry_count=args.cache_max_entry_count,
                                  max_batch_size=max(args.concurrency))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=True)
+    vocab = _word_vocab(tokenizer)
     rng = random.Random(args.seed)
     rows = []
     with pipeline(args.model_path, backend_config=engine, log_level="ERROR") as pipe:
-        tokenizer = pipe.tokenizer.model.model if hasattr(pipe.tokenizer, "model") else pipe.tokenizer
         for conc in args.concurrency:
             for pt, ct in zip(args.prompt_tokens, args.completion_tokens):
                 gen = GenerationConfig(max_new_tokens=ct, ignore_eos=True, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p)
                 for _ in range(args.warmup_round):
-                    profile_one(pipe, gen, _prompts(tokenizer, conc, pt, rng))
-                rounds = [profile_one(pipe, gen, _prompts(tokenizer, conc, pt, rng)) for _ in range(args.test_round)]
+                    profile_one(pipe, gen, _prompts(tokenizer, conc, pt, rng, vocab))
+                rounds = [profile_one(pipe, gen, _prompts(tokenizer, conc, pt, rng, vocab)) for _ in range(args.test_round)]
                 first = [x for r in rounds for x in r["first"]]
                 per_tok = [x for r in rounds for x in r["per_token"]]
                 elapsed = sum(r["elapsed"] for r in rounds)
