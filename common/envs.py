@@ -103,6 +103,15 @@ def emu_memory_bytes() -> int | None:
     return int(gib * (1 << 30))
 
 
+def emu_device_count() -> int:
+    raw = get("MACA_INFER_EMU_DEVICE_COUNT")
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"MACA_INFER_EMU_DEVICE_COUNT={raw!r} must be an integer >= 1")
+    return int(raw)
+
+
 def graph_mode() -> bool:
     return get("MACA_INFER_GRAPH_MODE") == "1"
 

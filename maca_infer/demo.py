@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _stop(proc)
         log.close()
         os.unlink(log.name)
-        print(f"server stopped (exit code {code})")
+        how = "by SIGTERM, as asked" if code == -signal.SIGTERM else f"exit code {code}"
+        print(f"server stopped ({how})")
     return 0
 
 

@@ -108,14 +108,7 @@ def default_memory_budget() -> int:
 
 
 def _configured_device_count() -> int:
-    # read through envs once the variable is declared there (the one reader)
-    if "MACA_INFER_EMU_DEVICE_COUNT" in envs.VARIABLES:
-        raw = envs.get("MACA_INFER_EMU_DEVICE_COUNT")
-        if raw:
-            if not raw.isdigit() or int(raw) < 1:
-                raise ValueError(f"MACA_INFER_EMU_DEVICE_COUNT={raw!r} must be an integer >= 1")
-            return int(raw)
-    return 1
+    return envs.emu_device_count()
 
 
 def _storage_of(tensor: torch.Tensor):

@@ -499,17 +499,13 @@ def test_torchscript_sees_wrapped_factories_as_aten_ops(emulated):
         emulation.install(device_count=2, memory_budget=BUDGET)
 
 
-def test_device_count_from_the_environment_once_declared(monkeypatch):
-    # MACA_INFER_EMU_DEVICE_COUNT is read through common/envs.py when declared there
-    from maca_infer.common import envs
-
-    monkeypatch.setitem(envs.VARIABLES, "MACA_INFER_EMU_DEVICE_COUNT", (None, "", "emulated devices"))
+def test_device_count_from_the_environment(monkeypatch):
     monkeypatch.setenv("MACA_INFER_EMU_DEVICE_COUNT", "3")
     assert emulation._configured_device_count() == 3
     monkeypatch.setenv("MACA_INFER_EMU_DEVICE_COUNT", "0")
     with pytest.raises(ValueError, match=r"MACA_INFER_EMU_DEVICE_COUNT='0' must be an integer >= 1"):
         emulation._configured_device_count()
-    monkeypatch.delitem(envs.VARIABLES, "MACA_INFER_EMU_DEVICE_COUNT")
+    monkeypatch.delenv("MACA_INFER_EMU_DEVICE_COUNT")
     assert emulation._configured_device_count() == 1
 
 
