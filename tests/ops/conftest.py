@@ -185,3 +185,23 @@ def gpu_builds(tmp_path):
         return json.loads(line[len("BUILDS="):])
 
     return build
+
+
+@pytest.fixture
+def compile_script():
+    """``compile_script(source) -> object``: run an ahead-of-time compile script
+    (no GPU needed) in a fresh interpreter without TRITON_INTERPRET and return
+    the JSON it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.compiler")
+
+    def run(source: str):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

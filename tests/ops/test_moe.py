@@ -430,18 +430,8 @@ print(json.dumps(result))
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_with_tensor_core_mma():
+def test_kernels_compile_for_sm90_with_tensor_core_mma(compile_script):
     """Ahead-of-time compile (no GPU needed); the bf16 grouped GEMMs (plain and int4) must use mma."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = compile_script(_COMPILE_SCRIPT)
     assert result == {"gate_up_int4=False": True, "down_int4=False": True, "gate_up_int4=True": True,
                       "down_int4=True": True, "routing_and_align": True}
