@@ -289,21 +289,31 @@ class MacaAttnBackend(_MacaBackendBase, _base_class()):
                 "maca attention backend: cross attention and encoder-only (non-causal) layers are not supported"
             )
 
-    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
-                       save_kv_cache: bool = True, **kwargs):
-        """q [T, Hq * D] (or [T, Hq, D]); k/v [T, Hk, D] new tokens -> [T, Hq * Dv]."""
+    def _prepare(self, q, k, v, layer, forward_batch, save_kv_cache: bool, kwargs):
+        """Shared by extend and decode: checks, KV store, q as [T, Hq, D] in the cache dtype.
+
+        Returns (metadata, q3, k_cache, v_cache), or None for an empty batch.
+        """
         self._check_layer(layer)
         _reject_extra(kwargs)
-        md = self.forward_metadata
-        num_tokens = q.shape[0]
-        if num_tokens == 0:
-            return q.new_empty((0, layer.tp_q_head_num * layer.v_head_dim))
+        if q.shape[0] == 0:
+            return None
         if save_kv_cache and k is not None and v is not None:
             self._store_kv(layer, forward_batch, k, v)
         k_cache, v_cache = self._caches(layer)
-        q3 = q.reshape(num_tokens, layer.tp_q_head_num, layer.qk_head_dim)
+        q3 = q.reshape(q.shape[0], layer.tp_q_head_num, layer.qk_head_dim)
         if q3.dtype != k_cache.dtype:
             q3 = q3.to(k_cache.dtype)
+        return self.forward_metadata, q3, k_cache, v_cache
+
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                       save_kv_cache: bool = True, **kwargs):
+        """q [T, Hq * D] (or [T, Hq, D]); k/v [T, Hk, D] new tokens -> [T, Hq * Dv]."""
+        num_tokens = q.shape[0]
+        prepared = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
+        if prepared is None:
+            return q.new_empty((0, layer.tp_q_head_num * layer.v_head_dim))
+        md, q3, k_cache, v_cache = prepared
         out = ops.paged_prefill_attention(
             q3, k_cache, v_cache, md.block_table, md.cu_seqlens_q, md.kv_seqlens,
             max_seqlen_q=md.max_seqlen_q, max_kv_seqlen=md.max_kv_seqlen,
@@ -315,18 +325,11 @@ class MacaAttnBackend(_MacaBackendBase, _base_class()):
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True, **kwargs):
         """q [B, Hq * D]; k/v [B, Hk, D] (the new token) -> [B, Hq * Dv]."""
-        self._check_layer(layer)
-        _reject_extra(kwargs)
-        md = self.forward_metadata
         bs = q.shape[0]
-        if bs == 0:
+        prepared = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
+        if prepared is None:
             return q.new_empty((0, layer.tp_q_head_num * layer.v_head_dim))
-        if save_kv_cache and k is not None and v is not None:
-            self._store_kv(layer, forward_batch, k, v)
-        k_cache, v_cache = self._caches(layer)
-        q3 = q.reshape(bs, layer.tp_q_head_num, layer.qk_head_dim)
-        if q3.dtype != k_cache.dtype:
-            q3 = q3.to(k_cache.dtype)
+        md, q3, k_cache, v_cache = prepared
         out = ops.paged_decode_attention(
             q3, k_cache, v_cache, md.block_table, md.kv_seqlens,
             scale=layer.scaling, sliding_window=_window_for_ops(layer), logit_softcap=_softcap_for_ops(layer),
