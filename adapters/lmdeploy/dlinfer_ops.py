@@ -33,6 +33,17 @@ import torch.distributed as dist
 
 from maca_infer.common import ops as mops
 
+# what upstream dlinfer's maca vendor lacks: added to an installed upstream
+# dlinfer's registry (registration.py) as well as served by ours
+GAP_OPS: tuple[str, ...] = (
+    "weight_quant_matmul",
+    "fused_moe_w4a16",
+    "w4a16_linear",
+    "fill_mla_cache",
+    "mla_decode",
+    "mla_prefill",
+)
+
 __all__ = [
     "add_rms_norm",
     "rms_norm",
@@ -45,13 +56,7 @@ __all__ = [
     "moe_gating_topk_softmax",
     "fused_moe",
     "linear",
-    "weight_quant_matmul",
-    # beyond what upstream dlinfer's maca vendor offers
-    "fused_moe_w4a16",
-    "w4a16_linear",
-    "fill_mla_cache",
-    "mla_decode",
-    "mla_prefill",
+    *GAP_OPS,
 ]
 
 

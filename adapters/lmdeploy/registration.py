@@ -23,14 +23,7 @@ from maca_infer.common.log import get_logger
 logger = get_logger(__name__)
 
 # the ops maca-infer adds to an upstream registry when it lacks them
-GAP_OPS: tuple[str, ...] = (
-    "weight_quant_matmul",
-    "fused_moe_w4a16",
-    "w4a16_linear",
-    "fill_mla_cache",
-    "mla_decode",
-    "mla_prefill",
-)
+GAP_OPS = dlinfer_ops.GAP_OPS
 
 _registered: dict[str, str] = {}  # op name -> "added" | "kept upstream"
 
