@@ -69,5 +69,10 @@ def require(name: str) -> str:
     return st.installed  # type: ignore[return-value]
 
 
+def range_of(name: str) -> str:
+    """``"lmdeploy >=0.18.0,<0.19"``: how runtime patches state the versions they were written for."""
+    return f"{name} {SUPPORTED[name][0]}"
+
+
 def report() -> list[VersionStatus]:
     return [status(n) for n in SUPPORTED]

@@ -3,12 +3,8 @@
 ``device()`` is the torch device that models and pipelines go to: "cuda" on
 MetaX MACA (mcPyTorch) and on an NVIDIA stand-in, "cpu" when the maca device
 is emulated. It resolves through ``maca_infer.common.device`` (the one
-resolver) and activates it, which also applies the MACA workarounds below.
-
-Workarounds applied on real MACA only (logged one line each):
-- cuDNN scaled-dot-product attention off: MetaX's CUDA-compatible stack does
-  not provide a working cuDNN SDPA path (the same switch vLLM-metax makes,
-  see huggingface/diffusers#9704 for the failure it causes in pipelines).
+resolver) and activates it; on a MACA host that applies the device's torch
+fixes (``common/device/maca_fixes.py``, e.g. cuDNN SDPA off; logged once).
 """
 
 from __future__ import annotations
@@ -25,25 +21,6 @@ logger = get_logger(__name__)
 _lock = threading.Lock()
 _activated_kind: str | None = None
 
-# (what, how to apply, how to undo) for each MACA workaround
-_MACA_WORKAROUNDS = (
-    (
-        "cuDNN SDPA disabled (torch.backends.cuda.enable_cudnn_sdp(False)): no working cuDNN SDPA on MACA "
-        "(as vLLM-metax does; see huggingface/diffusers#9704)",
-        lambda: torch.backends.cuda.enable_cudnn_sdp(False),
-    ),
-)
-
-
-def apply_maca_workarounds() -> list[str]:
-    """Apply the MACA-only workarounds; returns what was applied (each logged once)."""
-    applied = []
-    for what, apply in _MACA_WORKAROUNDS:
-        apply()
-        logger.info("MACA workaround: %s", what)
-        applied.append(what)
-    return applied
-
 
 def activate() -> str:
     """Activate the maca device for HF use (idempotent); returns its kind.
@@ -59,7 +36,9 @@ def activate() -> str:
         # env setup (MetaX's HF knobs on a MACA host) and, when emulated, the CPU emulation
         kind = maca_device.activate("hf").kind
         if kind == "maca":
-            apply_maca_workarounds()
+            from maca_infer.common.device import maca_fixes
+
+            maca_fixes.apply()  # no-op when common.device.activate() applied them already
         _activated_kind = kind
         return kind
 
@@ -114,5 +93,8 @@ def device_map(spec: str | torch.device | int | None = None) -> dict[str, str]:
 
 def _reset_for_tests() -> None:
     global _activated_kind
+    from maca_infer.common.device import maca_fixes
+
     with _lock:
         _activated_kind = None
+        maca_fixes.undo()

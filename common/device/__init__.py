@@ -55,8 +55,9 @@ def activate(framework: str | None = None, graph_mode: bool | None = None) -> Re
 
     Sets up the environment (toolkit paths, visible devices; never
     overwriting what the user set) and, when the device resolves to
-    ``emulated``, installs the CPU emulation. On a MACA or CUDA host torch is
-    left untouched.
+    ``emulated``, installs the CPU emulation. On a MACA host the fixes of
+    ``maca_fixes.py`` are applied (ledgered runtime patches); on a CUDA host
+    torch is left untouched.
     """
     from maca_infer.common import envs
     from maca_infer.common.device import emulation
@@ -71,6 +72,10 @@ def activate(framework: str | None = None, graph_mode: bool | None = None) -> Re
         if resolution.kind == "emulated" and not emulation.is_installed():
             emulation.install()
         apply_env(framework, graph_mode, vendor_knobs=resolution.kind == "maca")
+        if resolution.kind == "maca":
+            from maca_infer.common.device import maca_fixes
+
+            maca_fixes.apply()  # torch fixes for MetaX's stack (cuDNN SDPA off), once per process
         return resolution
 
 
