@@ -6,8 +6,9 @@ LMDeploy, given ``device_type="maca"`` (``--device maca``), imports
 - serves ``dlinfer`` for vendor "maca" from maca-infer's ops when no upstream
   dlinfer is installed, or registers the ops upstream lacks into an installed
   one (``MACA_INFER_DLINFER=auto|ours|upstream``, see ``import_hooks.py``);
-- fixes LMDeploy 0.18's maca op backend at import time (``lmdeploy_patches.py``,
-  every change in the ledger of ``patching.py``);
+- fixes LMDeploy 0.18's maca op backend at import time (``lmdeploy_patches.py``;
+  every change is a record of the one patch helper, declared in ``patching.py``
+  and listed by ``maca-infer patches list --runtime``);
 - checks the LMDeploy version (``common/versions.py``).
 
 Nothing here imports LMDeploy: the work happens in import hooks, installed in
@@ -89,10 +90,3 @@ def activate() -> str:
         _active = True
         logger.debug("LMDeploy %s adapter active", version)
         return version
-
-
-def patch_ledger() -> str:
-    """The runtime patches in effect, formatted (README has the same table)."""
-    from maca_infer.adapters.lmdeploy.patching import format_ledger
-
-    return format_ledger()

@@ -38,16 +38,17 @@ import threading
 import types
 from typing import Callable
 
+from maca_infer.adapters.lmdeploy import patching
 from maca_infer.common import envs
 
 _PKG = "maca_infer.adapters.lmdeploy"
 
-# the LMDeploy module whose import triggers maca-infer's fixes (lmdeploy_patches.py)
-LMDEPLOY_MACA_OP_BACKEND = "lmdeploy.pytorch.backends.dlinfer.maca.op_backend"
-# the api_server's engine-process module (start-up race fix, lmdeploy_patches.apply_zmq_engine_fix)
-LMDEPLOY_ZMQ_ENGINE = "lmdeploy.pytorch.engine.mp_engine.zmq_engine"
-# tensor-parallel workers (process-group backend fix, lmdeploy_patches.apply_worker_fix)
-LMDEPLOY_BASE_WORKER = "lmdeploy.pytorch.engine.executor.base_worker"
+# the LMDeploy modules whose import applies maca-infer's fixes (lmdeploy_patches.py; declared in patching.py):
+# the maca op backend, the api_server's engine-process module (start-up race fix) and
+# tensor-parallel workers (process-group backend fix)
+LMDEPLOY_MACA_OP_BACKEND = patching.MACA_OP_BACKEND
+LMDEPLOY_ZMQ_ENGINE = patching.ZMQ_ENGINE
+LMDEPLOY_BASE_WORKER = patching.BASE_WORKER
 
 # dlinfer module name -> maca-infer module that provides it (None: an empty namespace package)
 DLINFER_MODULES: dict[str, str | None] = {

@@ -1,4 +1,4 @@
-"""maca-infer's runtime fixes to LMDeploy's maca backend (all via ``patching.patch``).
+"""maca-infer's runtime fixes to LMDeploy's maca backend (records declared in ``patching.py``).
 
 1. ``MacaOpsBackend.update_step_context`` (LMDeploy 0.18.0): upstream builds
    ``DlinferAttentionMetadata(max_q_seq_len=...)`` but the 0.18 dataclass
@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from maca_infer.adapters.lmdeploy.patching import is_patched, patch
+from maca_infer.adapters.lmdeploy import patching
+from maca_infer.adapters.lmdeploy.patching import is_patched
 from maca_infer.common.log import get_logger, log_once
 
 logger = get_logger(__name__)
-
-UPSTREAM_VERSIONS = "lmdeploy 0.18.0"
 
 
 # --------------------------------------------------------------------------- step context
@@ -295,36 +294,13 @@ def apply(op_backend_module: types.ModuleType) -> None:
     backend = op_backend_module.MacaOpsBackend
     if is_patched(backend, "update_step_context"):
         return
-    patch(
-        backend, "update_step_context", classmethod(maca_update_step_context),
-        why="0.18.0 passes max_q_seq_len= to DlinferAttentionMetadata, which now wants max_q_seqlen, "
-            "cu_seqlens_q, cu_seqlens_q_cpu and kv_seqlens_cpu: TypeError at the first step on every maca host",
-        upstream_versions=UPSTREAM_VERSIONS,
-        remove_when="LMDeploy's MacaOpsBackend.update_step_context fills the 0.18 DlinferAttentionMetadata fields",
-    )
-    patch(
-        backend, "build_graph_runner", staticmethod(maca_build_graph_runner),
-        why="the CUDA graph runner's buffer filling runs a CUDA-only Triton kernel and drops dlinfer's "
-            "kv_start_indices/host length tensors, so maca decode graphs cannot be captured",
-        upstream_versions=UPSTREAM_VERSIONS,
-        remove_when="LMDeploy ships maca cudagraph buffer handling (dlinfer's maca_cudagraph equivalent) "
-                    "for the 0.18 graph runner",
-    )
+    patching.apply(patching.UPDATE_STEP_CONTEXT, backend, "update_step_context",
+                   classmethod(maca_update_step_context))
+    patching.apply(patching.BUILD_GRAPH_RUNNER, backend, "build_graph_runner",
+                   staticmethod(maca_build_graph_runner))
     ccl_backend, support_ray = _collective_backends(backend.ccl_backend, backend.support_ray)
-    patch(
-        backend, "ccl_backend", staticmethod(ccl_backend),
-        why="tensor parallelism on the emulated maca device: LMDeploy's default 'nccl' cannot run on host "
-            "tensors; gloo can (a real MACA device keeps upstream's choice)",
-        upstream_versions=UPSTREAM_VERSIONS,
-        remove_when="never for the emulated device (it is maca-infer's); on devices nothing changes",
-    )
-    patch(
-        backend, "support_ray", staticmethod(support_ray),
-        why="MacaOpsBackend.support_ray() is True, so --tp 2 picks the ray executor; on the emulated device "
-            "the ranks are local processes and ray is neither needed nor installed (mp executor instead)",
-        upstream_versions=UPSTREAM_VERSIONS,
-        remove_when="never for the emulated device; on devices nothing changes",
-    )
+    patching.apply(patching.CCL_BACKEND, backend, "ccl_backend", staticmethod(ccl_backend))
+    patching.apply(patching.SUPPORT_RAY, backend, "support_ray", staticmethod(support_ray))
 
 
 # --------------------------------------------------------------------------- mp engine start-up race
@@ -377,15 +353,7 @@ def apply_zmq_engine_fix(zmq_engine_module: types.ModuleType) -> None:
 
     _mp_proc.__module__ = zmq_engine_module.__name__
     _mp_proc.__qualname__ = f"{engine_cls.__name__}._mp_proc"
-    patch(
-        engine_cls, "_mp_proc", staticmethod(_mp_proc),
-        why="race at api_server start: the parent shuts its mp.Manager down right after reading the engine's "
-            "RPC port while the engine child is still releasing the manager Condition -> EOFError kills the "
-            "engine (seen under CPU load on every device type)",
-        upstream_versions=UPSTREAM_VERSIONS,
-        remove_when="LMDeploy keeps the Manager alive until the engine child has left `with condition:` "
-                    "(or stops using a Manager Condition for the port hand-off)",
-    )
+    patching.apply(patching.MP_PROC, engine_cls, "_mp_proc", staticmethod(_mp_proc))
 
 
 # --------------------------------------------------------------------------- tensor-parallel process group
@@ -411,10 +379,4 @@ def apply_worker_fix(base_worker_module: types.ModuleType) -> None:
         with get_device_manager().context(DeviceContext(self.device_type)):
             return upstream_init(self, rank, master_addr, master_port)
 
-    patch(
-        worker_cls, "init_process_group", init_process_group,
-        why="tp>1 workers create the default process group with get_backend() of the default device "
-            "context ('cuda' -> 'nccl'), ignoring MacaOpsBackend.ccl_backend(); the emulated device needs gloo",
-        upstream_versions=UPSTREAM_VERSIONS,
-        remove_when="LMDeploy's dist_utils.init_process_group uses the worker's device_type backend",
-    )
+    patching.apply(patching.INIT_PROCESS_GROUP, worker_cls, "init_process_group", init_process_group)

@@ -1,145 +1,150 @@
-"""The one way maca-infer changes LMDeploy (or an installed dlinfer) at runtime.
+"""The runtime patches of LMDeploy, declared in the one patch helper's ledger.
 
-Every runtime patch goes through :func:`patch`, which
+Each patch is a record of ``maca_infer.common.patching.LEDGER`` (target, why,
+how, versions, remove-when), declared here when this module is imported
+(no LMDeploy import, so ``maca-infer patches list --runtime`` lists them
+anywhere) and applied by ``lmdeploy_patches.py`` when LMDeploy itself imports
+the patched module (see ``import_hooks.py``), in every LMDeploy process.
 
-- stores the original attribute so :func:`revert_all` can restore it,
-- refuses to patch the same ``target.attr`` twice (a second activation is a
-  bug, not something to paper over),
-- records *why* the patch exists, which upstream versions it was written for
-  and the condition under which it can be deleted (the ledger).
-
-``ledger()`` lists the patches in effect; ``maca-infer``'s README shows the
-same table. Patches are applied lazily, when the patched module is imported
-(see ``import_hooks.py``), never by importing LMDeploy ourselves.
+``apply`` / ``patch`` / ``is_patched`` / ``revert`` / ``revert_all`` /
+``ledger`` are this adapter's short names for the helper.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from maca_infer.common.log import get_logger
+from maca_infer.common.patching import LEDGER, RuntimePatch, object_path
+from maca_infer.common.versions import range_of
 
 logger = get_logger(__name__)
 
-_MISSING = object()
+OWNER = "lmdeploy"
+VERSIONS = f"{range_of('lmdeploy')} (checked on 0.18.0)"
+
+# the LMDeploy modules whose import applies the patches (import_hooks.py hooks them)
+MACA_OP_BACKEND = "lmdeploy.pytorch.backends.dlinfer.maca.op_backend"
+ZMQ_ENGINE = "lmdeploy.pytorch.engine.mp_engine.zmq_engine"
+BASE_WORKER = "lmdeploy.pytorch.engine.executor.base_worker"
+
+
+def _declare(target: str, *, why: str, how: str, remove_when: str) -> RuntimePatch:
+    return LEDGER.declare(target, owner=OWNER, why=why, how=how, versions=VERSIONS, remove_when=remove_when)
+
+
+UPDATE_STEP_CONTEXT = _declare(
+    f"{MACA_OP_BACKEND}.MacaOpsBackend.update_step_context",
+    why="0.18.0 passes max_q_seq_len= to DlinferAttentionMetadata, which now wants max_q_seqlen, "
+        "cu_seqlens_q, cu_seqlens_q_cpu and kv_seqlens_cpu: TypeError at the first step on every maca host",
+    how="classmethod lmdeploy_patches.maca_update_step_context builds the complete 0.18 metadata "
+        "(vectorised cache-slot computation, one host sync per step)",
+    remove_when="LMDeploy's MacaOpsBackend.update_step_context fills the 0.18 DlinferAttentionMetadata fields",
+)
+BUILD_GRAPH_RUNNER = _declare(
+    f"{MACA_OP_BACKEND}.MacaOpsBackend.build_graph_runner",
+    why="the CUDA graph runner's buffer filling runs a CUDA-only Triton kernel and drops dlinfer's "
+        "kv_start_indices/host length tensors, so maca decode graphs cannot be captured",
+    how="LMDeploy's CUDAGraphRunner subclassed: captured decode graphs get maca buffers "
+        "(lmdeploy_patches.make_buffers_maca / fill_buffers_maca); fake capture on the emulated device",
+    remove_when="LMDeploy ships maca cudagraph buffer handling (dlinfer's maca_cudagraph equivalent) "
+                "for the 0.18 graph runner",
+)
+CCL_BACKEND = _declare(
+    f"{MACA_OP_BACKEND}.MacaOpsBackend.ccl_backend",
+    why="tensor parallelism on the emulated maca device: LMDeploy's default 'nccl' cannot run on host "
+        "tensors; gloo can (a real MACA device keeps upstream's choice)",
+    how="staticmethod answering 'gloo' on the emulated device, upstream's answer otherwise",
+    remove_when="never for the emulated device (it is maca-infer's); on devices nothing changes",
+)
+SUPPORT_RAY = _declare(
+    f"{MACA_OP_BACKEND}.MacaOpsBackend.support_ray",
+    why="MacaOpsBackend.support_ray() is True, so --tp 2 picks the ray executor; on the emulated device "
+        "the ranks are local processes and ray is neither needed nor installed (mp executor instead)",
+    how="staticmethod answering False on the emulated device, upstream's answer otherwise",
+    remove_when="never for the emulated device; on devices nothing changes",
+)
+MP_PROC = _declare(
+    f"{ZMQ_ENGINE}.ZMQMPEngine._mp_proc",
+    why="race at api_server start: the parent shuts its mp.Manager down right after reading the engine's "
+        "RPC port while the engine child is still releasing the manager Condition -> EOFError kills the "
+        "engine (seen under CPU load on every device type)",
+    how="upstream _mp_proc run with a Condition whose final release tolerates a manager already gone "
+        "(same qualified name, so the spawned child resolves the wrapper)",
+    remove_when="LMDeploy keeps the Manager alive until the engine child has left `with condition:` "
+                "(or stops using a Manager Condition for the port hand-off)",
+)
+INIT_PROCESS_GROUP = _declare(
+    f"{BASE_WORKER}.WorkerWrapperBase.init_process_group",
+    why="tp>1 workers create the default process group with get_backend() of the default device "
+        "context ('cuda' -> 'nccl'), ignoring MacaOpsBackend.ccl_backend(); the emulated device needs gloo",
+    how="maca workers run upstream init_process_group inside a maca DeviceContext, so get_backend() "
+        "answers with MacaOpsBackend.ccl_backend()",
+    remove_when="LMDeploy's dist_utils.init_process_group uses the worker's device_type backend",
+)
 
 
 @dataclass(frozen=True)
 class PatchRecord:
-    """One ledger entry: what was replaced, why, and when it can go."""
+    """An applied LMDeploy patch as this adapter's callers read it."""
 
-    target: str            # dotted path of the patched object, e.g. "lmdeploy...MacaOpsBackend"
+    target: str            # dotted path of the patched object
     attr: str              # attribute replaced on it
-    why: str               # the upstream problem this works around
-    upstream_versions: str  # versions of the upstream package the patch was written for
-    remove_when: str       # the condition for deleting the patch
+    why: str
+    upstream_versions: str
+    remove_when: str
 
     @property
     def key(self) -> str:
         return f"{self.target}.{self.attr}"
 
 
-_lock = threading.Lock()
-_originals: dict[str, tuple[Any, str, Any]] = {}   # key -> (owner object, attr, original or _MISSING)
-_records: dict[str, PatchRecord] = {}
+def patch(target: Any, attr: str, new: Any, *, why: str, upstream_versions: str, remove_when: str,
+          how: str | None = None) -> RuntimePatch:
+    """Replace ``target.attr`` with ``new`` under a record declared on the spot.
 
-
-def _qualname(target: Any) -> str:
-    module = getattr(target, "__module__", None)
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
-    if isinstance(target, type) or callable(target):
-        return f"{module}.{name}" if module else str(name)
-    return getattr(target, "__name__", repr(target))  # a module
-
-
-def patch(target: Any, attr: str, new: Any, *, why: str, upstream_versions: str, remove_when: str) -> PatchRecord:
-    """Replace ``target.attr`` with ``new`` and record it in the ledger.
-
-    Args:
-        target: the module or class that owns ``attr``.
-        attr: attribute name; it need not exist yet (then revert deletes it).
-        new: the replacement.
-        why: the upstream bug or gap, in one or two sentences.
-        upstream_versions: e.g. ``"lmdeploy 0.18.0"``.
-        remove_when: e.g. ``"lmdeploy's MacaOpsBackend fills max_q_seqlen"``.
-
-    Raises:
-        RuntimeError: ``target.attr`` is already patched.
-        ValueError: an empty ``why``/``upstream_versions``/``remove_when``.
+    Raises RuntimeError when it is already patched, ValueError for an empty
+    explanation. The adapter's own patches use :func:`apply` with the records
+    declared above.
     """
-    for field_name, value in (("why", why), ("upstream_versions", upstream_versions), ("remove_when", remove_when)):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"patch({attr!r}): {field_name}={value!r} must be a non-empty explanation")
-    record = PatchRecord(_qualname(target), attr, why.strip(), upstream_versions.strip(), remove_when.strip())
-    with _lock:
-        if record.key in _records:
-            raise RuntimeError(f"{record.key} is already patched by maca-infer; refusing to patch it twice")
-        original = target.__dict__.get(attr, _MISSING) if hasattr(target, "__dict__") else getattr(target, attr, _MISSING)
-        _originals[record.key] = (target, attr, original)
-        _records[record.key] = record
-        setattr(target, attr, new)
-    logger.debug("patched %s (%s)", record.key, record.why)
+    key = f"{object_path(target)}.{attr}"
+    record = LEDGER.declare(key, owner=OWNER, why=why, how=how or f"{attr} replaced by maca-infer",
+                            versions=upstream_versions, remove_when=remove_when)
+    LEDGER.set_attr(record, target, attr, new)
+    logger.debug("patched %s (%s)", record.target, record.why)
     return record
 
 
+def apply(record: RuntimePatch, target: Any, attr: str, new: Any) -> None:
+    """Apply a declared patch: ``target.attr = new`` (see common/patching.py)."""
+    if not record.target.endswith(f".{attr}"):
+        raise ValueError(f"{record.target} does not patch attribute {attr!r}")
+    LEDGER.set_attr(record, target, attr, new)
+    logger.debug("patched %s (%s)", record.target, record.why)
+
+
 def is_patched(target: Any, attr: str) -> bool:
-    return f"{_qualname(target)}.{attr}" in _records
-
-
-def original(target: Any, attr: str) -> Any:
-    """The attribute as it was before maca-infer patched it."""
-    key = f"{_qualname(target)}.{attr}"
-    if key not in _originals:
-        raise KeyError(f"{key} is not patched by maca-infer")
-    value = _originals[key][2]
-    if value is _MISSING:
-        raise AttributeError(f"{key} did not exist before maca-infer added it")
-    return value
+    return LEDGER.attr_target(target, attr) is not None
 
 
 def ledger() -> list[PatchRecord]:
-    """The patches in effect, in the order they were applied."""
-    with _lock:
-        return list(_records.values())
-
-
-def format_ledger() -> str:
-    rows = ledger()
-    if not rows:
-        return "no runtime patches in effect"
-    lines = []
-    for r in rows:
-        lines.append(f"- {r.key}\n    why: {r.why}\n    written for: {r.upstream_versions}\n    remove when: {r.remove_when}")
-    return "\n".join(lines)
+    """The LMDeploy patches in effect, in the order they were applied."""
+    rows = []
+    for record in LEDGER.applied(OWNER):
+        owner_path, _, attr = record.target.rpartition(".")
+        rows.append(PatchRecord(owner_path, attr, record.why, record.versions, record.remove_when))
+    return rows
 
 
 def revert(target: Any, attr: str) -> None:
-    """Restore one patched attribute and drop it from the ledger."""
-    key = f"{_qualname(target)}.{attr}"
-    with _lock:
-        if key not in _originals:
-            raise KeyError(f"{key} is not patched by maca-infer")
-        owner, name, value = _originals.pop(key)
-        del _records[key]
-        if value is _MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, value)
+    """Restore one patched attribute."""
+    key = LEDGER.attr_target(target, attr)
+    if key is None:
+        raise KeyError(f"{object_path(target)}.{attr} is not patched by maca-infer")
+    LEDGER.undo(key)
 
 
-def revert_all() -> None:
-    """Restore every patched attribute (tests use this)."""
-    with _lock:
-        for key in reversed(list(_originals)):
-            owner, attr, value = _originals[key]
-            if value is _MISSING:
-                try:
-                    delattr(owner, attr)
-                except AttributeError:
-                    pass
-            else:
-                setattr(owner, attr, value)
-        _originals.clear()
-        _records.clear()
+def revert_all() -> int:
+    """Restore every LMDeploy patch (tests); returns how many."""
+    return LEDGER.undo_all(OWNER)
