@@ -10,8 +10,15 @@ Rules (one for every op):
   (the emulated maca device). If an auto-picked kernel fails to build or
   launch, the reference runs instead and one log line says so.
 
-``last_impl(op)`` tells which implementation ran last for an op (tests and
-the doctor read it).
+Empty batches (zero tokens or sequences: an idle SGLang DP-attention rank,
+padding) go through the same selection but run neither implementation:
+``dispatch(..., empty=True)``. A Triton launch with a grid of 0 programs is an
+error on some Triton versions and a no-op on others, and a reference may
+reduce over nothing; each public op instead returns its empty outputs itself,
+after validating its inputs as for any batch.
+
+``last_impl(op)`` tells which implementation ran (or was chosen, for an empty
+batch) last for an op (tests and the doctor read it).
 """
 
 from __future__ import annotations
@@ -68,18 +75,24 @@ def select_impl(op: str, *tensors: torch.Tensor) -> str:
     return REFERENCE
 
 
-def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensors, *args, **kwargs):
+def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensors, *args, empty: bool = False,
+             **kwargs):
     """Run ``op`` with the implementation ``select_impl`` picks.
 
     ``tensors`` are the inputs that decide the device; ``args``/``kwargs`` go
     to the chosen function. ``triton_fn`` may be None for ops that have no
     kernel yet: then only the reference exists, and forcing triton raises.
+    ``empty``: the batch has no tokens; the implementation is chosen (so a
+    misconfigured tier still raises) but not run, and None is returned.
     """
     impl = select_impl(op, *tensors)
     if impl == TRITON and triton_fn is None:
         if envs.ops_impl() == TRITON:
             raise RuntimeError(f"{op}: no Triton kernel exists for this op; only the reference")
         impl = REFERENCE
+    if empty:
+        _last[op] = impl
+        return None
     if impl == TRITON:
         try:
             out = triton_fn(*args, **kwargs)

@@ -118,7 +118,8 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
         out   = g * sigmoid(g) * u = g / (1 + exp(-g)) * u
     """
     out = _prepare("silu_and_mul", x, out)
-    _dispatch.dispatch("silu_and_mul", _act_and_mul_triton, _act_and_mul_reference, (x,), x, out, "silu")
+    _dispatch.dispatch("silu_and_mul", _act_and_mul_triton, _act_and_mul_reference, (x,), x, out, "silu",
+                       empty=out.numel() == 0)
     return out
 
 
@@ -149,6 +150,7 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none", *, out: torch.Tenso
     _checks.check_in("gelu_and_mul", "approximate", approximate, _GELU_APPROXIMATIONS)
     out = _prepare("gelu_and_mul", x, out)
     activation = "gelu" if approximate == "none" else "gelu_tanh"
-    _dispatch.dispatch("gelu_and_mul", _act_and_mul_triton, _act_and_mul_reference, (x,), x, out, activation)
+    _dispatch.dispatch("gelu_and_mul", _act_and_mul_triton, _act_and_mul_reference, (x,), x, out, activation,
+                       empty=out.numel() == 0)
     return out
 

@@ -165,4 +165,4 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     check_slots_in_range(op, slot_mapping, key_cache.shape[0] * block_size)
     _dispatch.dispatch(op, _fill_kv_cache_triton, _fill_kv_cache_reference,
                        (key, value, key_cache, value_cache, slot_mapping),
-                       key, value, key_cache, value_cache, slot_mapping)
+                       key, value, key_cache, value_cache, slot_mapping, empty=num_tokens == 0)

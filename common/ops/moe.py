@@ -32,6 +32,7 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl, triton
+from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 from maca_infer.common.ops.quant import _as_uint8_packing, _dequant_fp32, _resolve_group_size
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -144,8 +145,17 @@ def moe_topk_softmax(router_logits: torch.Tensor, top_k: int,
     """
     op = "moe_topk_softmax"
     _check_router_logits(op, router_logits, top_k)
-    return _dispatch.dispatch(op, _moe_topk_softmax_triton, _moe_topk_softmax_reference, (router_logits,),
-                              router_logits, top_k, bool(renormalize))
+    empty = router_logits.shape[0] == 0
+    routing = _dispatch.dispatch(op, _moe_topk_softmax_triton, _moe_topk_softmax_reference, (router_logits,),
+                                 router_logits, top_k, bool(renormalize), empty=empty)
+    return _empty_routing(router_logits, top_k) if empty else routing
+
+
+def _empty_routing(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of a batch of zero tokens: fp32 weights and int32 ids, both [0, top_k]."""
+    device = router_logits.device
+    return (torch.empty((0, top_k), dtype=torch.float32, device=device),
+            torch.empty((0, top_k), dtype=torch.int32, device=device))
 
 
 def _moe_grouped_topk_kernel_fn(
@@ -319,9 +329,11 @@ def moe_grouped_topk(router_logits: torch.Tensor, top_k: int, *, num_expert_grou
         if experts_per_group < 2:
             raise ValueError(f"{op}: correction_bias needs >= 2 experts per group (E / num_expert_group = {experts_per_group})")
         _checks.check_same_device(op, router_logits=router_logits, correction_bias=correction_bias)
-    return _dispatch.dispatch(op, _moe_grouped_topk_triton, _moe_grouped_topk_reference, (router_logits,),
-                              router_logits, top_k, num_expert_group, topk_group, bool(renormalize), scoring,
-                              correction_bias, float(routed_scaling_factor))
+    empty = router_logits.shape[0] == 0
+    routing = _dispatch.dispatch(op, _moe_grouped_topk_triton, _moe_grouped_topk_reference, (router_logits,),
+                                 router_logits, top_k, num_expert_group, topk_group, bool(renormalize), scoring,
+                                 correction_bias, float(routed_scaling_factor), empty=empty)
+    return _empty_routing(router_logits, top_k) if empty else routing
 
 
 # ==========================================================================
@@ -464,10 +476,15 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
         raise ValueError(f"{op}: num_experts={num_experts!r} is not supported; allowed: an integer >= 1")
     if not topk_ids.is_contiguous():
         topk_ids = topk_ids.contiguous()
-    if topk_ids.numel() == 0:
-        return _moe_align_reference(topk_ids, block_size, num_experts)
-    return _dispatch.dispatch(op, _moe_align_triton, _moe_align_reference, (topk_ids,),
-                              topk_ids, block_size, num_experts)
+    empty = topk_ids.numel() == 0
+    aligned = _dispatch.dispatch(op, _moe_align_triton, _moe_align_reference, (topk_ids,),
+                                 topk_ids, block_size, num_experts, empty=empty)
+    if empty:  # no assignments: no blocks (max_padded = 0) and nothing padded
+        device = topk_ids.device
+        return (torch.empty((0,), dtype=torch.int32, device=device),
+                torch.empty((0,), dtype=torch.int32, device=device),
+                torch.zeros((1,), dtype=torch.int32, device=device))
+    return aligned
 
 
 # ==========================================================================
@@ -512,22 +529,17 @@ def _moe_gate_up_kernel_fn(
                     mask=valid[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if INT4:
-            shift = (offs_k[:, None] % 2) * 4
-            q_gate = (tl.load(gate_rows + offs_k[:, None] // 2, mask=w_mask, other=0).to(tl.int32) >> shift) & 0xF
-            q_up = (tl.load(up_rows + offs_k[:, None] // 2, mask=w_mask, other=0).to(tl.int32) >> shift) & 0xF
+            q_gate = load_int4_tile(gate_rows, offs_k, w_mask)
+            q_up = load_int4_tile(up_rows, offs_k, w_mask)
             group = k0 // group_size
             s_base = scales_ptr + expert * stride_se + group
-            s_gate = tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-            s_up = tl.load(s_base + (offs_n + inter_size) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z_base = zeros_ptr + expert * stride_ze + group
-                z_gate = tl.load(z_base + offs_n * stride_zn, mask=mask_n, other=8).to(tl.float32)
-                z_up = tl.load(z_base + (offs_n + inter_size) * stride_zn, mask=mask_n, other=8).to(tl.float32)
-            else:
-                z_gate = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-                z_up = z_gate
-            w_gate = (q_gate.to(tl.float32) - z_gate[None, :]) * s_gate[None, :]
-            w_up = (q_up.to(tl.float32) - z_up[None, :]) * s_up[None, :]
+            z_base = zeros_ptr + expert * stride_ze + group
+            s_gate, z_gate = load_group_scale_zero(s_base + offs_n * stride_sn, z_base + offs_n * stride_zn, mask_n,
+                                                   HAS_ZEROS)
+            s_up, z_up = load_group_scale_zero(s_base + (offs_n + inter_size) * stride_sn,
+                                               z_base + (offs_n + inter_size) * stride_zn, mask_n, HAS_ZEROS)
+            w_gate = dequant_int4(q_gate, s_gate, z_gate)
+            w_up = dequant_int4(q_up, s_up, z_up)
         else:
             w_gate = tl.load(gate_rows + offs_k[:, None], mask=w_mask, other=0.0)
             w_up = tl.load(up_rows + offs_k[:, None], mask=w_mask, other=0.0)
@@ -583,17 +595,12 @@ def _moe_down_kernel_fn(
                     mask=valid[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if INT4:
-            shift = (offs_k[:, None] % 2) * 4
-            q = (tl.load(w_rows + offs_k[:, None] // 2, mask=w_mask, other=0).to(tl.int32) >> shift) & 0xF
+            q = load_int4_tile(w_rows, offs_k, w_mask)
             group = k0 // group_size
-            scale = tl.load(scales_ptr + expert * stride_se + offs_n * stride_sn + group,
-                            mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(zeros_ptr + expert * stride_ze + offs_n * stride_zn + group,
-                               mask=mask_n, other=8).to(tl.float32)
-            else:
-                zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-            w = (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+            scale, zero = load_group_scale_zero(scales_ptr + expert * stride_se + offs_n * stride_sn + group,
+                                                zeros_ptr + expert * stride_ze + offs_n * stride_zn + group,
+                                                mask_n, HAS_ZEROS)
+            w = dequant_int4(q, scale, zero)
         else:
             w = tl.load(w_rows + offs_k[:, None], mask=w_mask, other=0.0)
         if DOT_FP32:
@@ -753,10 +760,12 @@ def _run_fused_moe(op, triton_fn, reference_fn, x, w13, w2, topk_weights, topk_i
         x = x.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
-    if x.shape[0] == 0:
+    empty = x.shape[0] == 0
+    result = _dispatch.dispatch(op, triton_fn, reference_fn, (x, w13, w2, topk_ids),
+                                x, w13, w2, topk_weights, topk_ids, activation, out, quant, empty=empty)
+    if empty:
         return out if out is not None else torch.empty_like(x)
-    return _dispatch.dispatch(op, triton_fn, reference_fn, (x, w13, w2, topk_ids),
-                              x, w13, w2, topk_weights, topk_ids, activation, out, quant)
+    return result
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

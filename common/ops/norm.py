@@ -183,7 +183,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma:
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _dispatch.dispatch(op, _rms_norm_triton, _rms_norm_reference, (x, weight),
-                       x, None, weight, float(eps), bool(gemma), out)
+                       x, None, weight, float(eps), bool(gemma), out, empty=x.numel() == 0)
     return out
 
 
@@ -225,5 +225,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _dispatch.dispatch(op, _rms_norm_triton, _rms_norm_reference, (x, residual, weight),
-                       x, residual, weight, float(eps), bool(gemma), out)
+                       x, residual, weight, float(eps), bool(gemma), out, empty=x.numel() == 0)
     return out, residual

@@ -215,7 +215,7 @@ def apply_rotary(query: torch.Tensor, key: torch.Tensor | None, cos: torch.Tenso
     _checks.check_size(op, "cos", cos.shape[0], query.shape[0], "num_tokens")
     _checks.check_same_device(op, query=query, key=key, cos=cos, sin=sin)
     _dispatch.dispatch(op, _rotary_triton, _rotary_reference, (query, key, cos, sin),
-                       query, key, q_out, k_out, cos, sin, None, cos.shape[1], style)
+                       query, key, q_out, k_out, cos, sin, None, cos.shape[1], style, empty=query.shape[0] == 0)
     return q_out, k_out
 
 
@@ -264,5 +264,6 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     cos = cos_sin_cache[:, :half_rotary]
     sin = cos_sin_cache[:, half_rotary:]
     _dispatch.dispatch(op, _rotary_triton, _rotary_reference, (query, key, cos_sin_cache),
-                       query, key, q_out, k_out, cos, sin, positions, half_rotary, style)
+                       query, key, q_out, k_out, cos, sin, positions, half_rotary, style,
+                       empty=query.shape[0] == 0)
     return q_out, k_out
