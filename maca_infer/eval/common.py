@@ -19,9 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -78,9 +79,16 @@ def choice_from_logprobs(top_logprobs: list[dict] | None) -> str | None:
 
 
 class Client:
-    """Minimal OpenAI-compatible completions client (thread-safe)."""
+    """Minimal OpenAI-compatible completions client (thread-safe).
+
+    Needs ``requests`` (the ``eval`` extra). It is imported here, not at module
+    level, so that the base install's ``maca-infer`` starts without it.
+    """
 
     def __init__(self, url: str, model: str | None = None, timeout: float = 120.0, retries: int = 2):
+        import requests
+
+        self._requests = requests
         self.base = url.rstrip("/")
         if self.base.endswith("/v1"):
             self.base = self.base[:-3]
@@ -91,7 +99,7 @@ class Client:
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "s"):
-            self._local.s = requests.Session()
+            self._local.s = self._requests.Session()
         return self._local.s
 
     def _first_model(self) -> str:
@@ -119,7 +127,7 @@ class Client:
                 choice = r.json()["choices"][0]
                 lp = (choice.get("logprobs") or {}).get("top_logprobs")
                 return choice.get("text", ""), lp
-            except (requests.RequestException, KeyError, ValueError) as exc:
+            except (self._requests.RequestException, KeyError, ValueError) as exc:
                 last = exc
                 time.sleep(0.2 * (attempt + 1))
         raise RuntimeError(f"request to {self.base}/v1/completions failed: {last}")

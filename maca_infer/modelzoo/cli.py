@@ -24,8 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float tensor dtype (default bfloat16; float16 for quantized kinds)")
 
 
+# Every kind needs these (tokenizer.json, model.safetensors, config.json's
+# transformers_version): none is a base dependency, so check before writing.
+REQUIRES = ("tokenizers", "safetensors", "transformers")
+
+
 def run(args: argparse.Namespace) -> int:
+    from maca_infer.cli import require
     from maca_infer.modelzoo.factory import build, get
+
+    require(*REQUIRES)
 
     try:
         if args.cached:
