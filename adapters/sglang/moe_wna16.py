@@ -26,6 +26,7 @@ loading and change only what runs:
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import SimpleNamespace
 from typing import Optional
@@ -45,32 +46,33 @@ def unpack_row_pairs(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-2).flatten(-3, -2).contiguous()
 
 
-def register() -> None:
-    """Nothing to register: the platform hands out MacaMoeWNA16Config (get_quantization_config)."""
-    return None
-
-
 def quantization_config_for(name: str):
     """The maca override of SGLang's quantization config class ``name``, or None."""
     if name == "moe_wna16":
-        return _classes()[0]
+        return _config_cls()
     return None
 
 
-_CACHE: dict[str, tuple] = {}
+# ---------------------------------------------------------------- dense AWQ / GPTQ layers
+# SGLang's classes are subclassed lazily (importing this module never imports SGLang), one
+# builder per class, each built once.
 
 
-def _classes():
-    if "classes" in _CACHE:
-        return _CACHE["classes"]
-    from sglang.srt.layers.linear import LinearBase
-    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-    from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
-    from sglang.srt.layers.quantization.awq.awq import AWQConfig, AWQLinearMethod
+def _keep_w4a16(layer: torch.nn.Module, qweight, scales, zeros, group: int) -> None:
+    """Store the converted W4A16 weights on ``layer``; the int32 AWQ / GPTQ tensors are no longer read."""
+    layer.maca_w4a16 = (qweight, scales, zeros, group)
+    for name in ("qweight", "qzeros", "scales"):
+        setattr(layer, name, torch.nn.Parameter(torch.empty(0, device=qweight.device), requires_grad=False))
+
+
+def _w4a16_linear(layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    qweight, scales, zeros, group = layer.maca_w4a16
+    return ops.w4a16_linear(x, qweight, scales, zeros, group, bias)
+
+
+@functools.cache
+def _awq_linear_scheme_cls():
     from sglang.srt.layers.quantization.awq.schemes.awq_linear import AWQLinearScheme
-    from sglang.srt.layers.quantization.gptq.gptq import GPTQConfig, GPTQLinearMethod
-    from sglang.srt.layers.quantization.gptq.schemes.gptq_linear import GPTQLinearScheme
-    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config, MoeWNA16Method, is_layer_skipped_quant
 
     class MacaAWQLinearScheme(AWQLinearScheme):
         """SGLang's AWQ parameters, our W4A16 linear."""
@@ -81,15 +83,18 @@ def _classes():
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             group = self.quant_config.group_size
             qweight, scales, zeros = ops.awq_to_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data, group)
-            layer.maca_w4a16 = (qweight, scales, zeros, group)
+            _keep_w4a16(layer, qweight, scales, zeros, group)
             log_once(logger, logging.INFO, "moe_wna16: AWQ linear layers run maca_infer w4a16_linear")
-            # the int32 AWQ tensors are no longer read
-            for name in ("qweight", "qzeros", "scales"):
-                setattr(layer, name, torch.nn.Parameter(torch.empty(0, device=qweight.device), requires_grad=False))
 
         def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]):
-            qweight, scales, zeros, group = layer.maca_w4a16
-            return ops.w4a16_linear(x, qweight, scales, zeros, group, bias)
+            return _w4a16_linear(layer, x, bias)
+
+    return MacaAWQLinearScheme
+
+
+@functools.cache
+def _gptq_linear_scheme_cls():
+    from sglang.srt.layers.quantization.gptq.schemes.gptq_linear import GPTQLinearScheme
 
     class MacaGPTQLinearScheme(GPTQLinearScheme):
         """SGLang's GPTQ parameters (v1 format, desc_act False), our W4A16 linear."""
@@ -113,14 +118,22 @@ def _classes():
             g_idx = g_idx.data if g_idx is not None and g_idx.numel() else None
             qweight, scales, zeros = ops.gptq_to_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data,
                                                        group, g_idx=g_idx, sym=self.sym)
-            layer.maca_w4a16 = (qweight, scales, zeros, group)
+            _keep_w4a16(layer, qweight, scales, zeros, group)
             log_once(logger, logging.INFO, "moe_wna16: GPTQ linear layers run maca_infer w4a16_linear")
-            for name in ("qweight", "qzeros", "scales"):
-                setattr(layer, name, torch.nn.Parameter(torch.empty(0, device=qweight.device), requires_grad=False))
 
         def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]):
-            qweight, scales, zeros, group = layer.maca_w4a16
-            return ops.w4a16_linear(x, qweight, scales, zeros, group, bias)
+            return _w4a16_linear(layer, x, bias)
+
+    return MacaGPTQLinearScheme
+
+
+# ---------------------------------------------------------------- MoE layers
+
+
+@functools.cache
+def _moe_method_cls():
+    from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
 
     class MacaMoeWNA16Method(MoeWNA16Method):
         """SGLang's moe_wna16 weights and loader; our fused W4A16 MoE."""
@@ -160,22 +173,32 @@ def _classes():
                 out.mul_(scale)
             return StandardCombineInput(hidden_states=out)
 
+    return MacaMoeWNA16Method
+
+
+@functools.cache
+def _config_cls():
+    from sglang.srt.layers.linear import LinearBase
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.awq.awq import AWQConfig, AWQLinearMethod
+    from sglang.srt.layers.quantization.gptq.gptq import GPTQConfig, GPTQLinearMethod
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config, is_layer_skipped_quant
+
     class MacaMoeWNA16Config(MoeWNA16Config):
         """moe_wna16 on the maca device (see module doc)."""
 
         def get_quant_method(self, layer: torch.nn.Module, prefix: str):
             if not is_layer_skipped_quant(prefix, self.modules_to_not_convert):
                 if isinstance(layer, FusedMoE):
-                    return MacaMoeWNA16Method(self)
+                    return _moe_method_cls()(self)
                 if isinstance(layer, LinearBase) and self.linear_quant_method == "awq":
                     awq = AWQConfig.from_config(self.full_config)
-                    layer.scheme = MacaAWQLinearScheme(awq)
+                    layer.scheme = _awq_linear_scheme_cls()(awq)
                     return AWQLinearMethod(awq)
                 if isinstance(layer, LinearBase) and self.linear_quant_method == "gptq":
                     gptq = GPTQConfig.from_config(self.full_config)
-                    layer.scheme = MacaGPTQLinearScheme(gptq, sym=bool(self.full_config.get("sym", True)))
+                    layer.scheme = _gptq_linear_scheme_cls()(gptq, sym=bool(self.full_config.get("sym", True)))
                     return GPTQLinearMethod(gptq)
             return super().get_quant_method(layer, prefix)
 
-    _CACHE["classes"] = (MacaMoeWNA16Config, MacaMoeWNA16Method, MacaAWQLinearScheme, MacaGPTQLinearScheme)
-    return _CACHE["classes"]
+    return MacaMoeWNA16Config

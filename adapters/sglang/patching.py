@@ -1,104 +1,131 @@
-"""The one place that changes SGLang's behaviour at run time, with its ledger.
+"""The runtime fixes of SGLang, declared in the one patch helper's ledger.
 
-Each runtime fix is registered through SGLang's own documented seam for
-general plugins, ``sglang.srt.plugins.hook_registry.HookRegistry`` (applied by
-``load_plugins()`` in every process), never by editing SGLang's files.
-:func:`hook` records why the fix exists, the SGLang versions it was written
-for and the condition for its removal (vLLM-metax / vllm-ascend style), and
-refuses to register the same target twice.
+Each fix is a record of ``maca_infer.common.patching.LEDGER`` (target, why,
+how, versions, remove-when), declared when this module is imported (no
+SGLang import, so ``maca-infer patches list --runtime`` lists them anywhere)
+and applied by :func:`register_all`, which ``plugin.register()`` runs in
+every SGLang process once the maca platform is active (an ordinary SGLang
+launch is untouched).
 
-Module-level *values* (flags SGLang computes once at import) cannot go
-through the HookRegistry, which wraps callables; :func:`set_module_value`
-swaps them with the original kept (``restore_values()`` puts them back) and the
-same ledger entry.
+Two ways a fix reaches SGLang, both undoable through the helper
+(``LEDGER.undo(target)``, :func:`undo_all`):
 
-``LEDGER`` is the list; ``ledger_markdown()`` renders it for the docs and the
-doctor.
+- callables go through SGLang's documented seam for general plugins,
+  ``sglang.srt.plugins.hook_registry.HookRegistry`` (applied by
+  ``load_plugins()``), never by editing SGLang's files. SGLang's registry
+  has no removal, so the hook registered there is a switch: applied, it runs
+  the fix; undone, it calls SGLang's own function. It is registered once per
+  process; applying the fix again turns the switch back on.
+- module-level *values* (flags SGLang computes once at import) are set with
+  the original kept (``LEDGER.set_attr``).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from maca_infer.common.log import get_logger
+from maca_infer.common.patching import LEDGER, RuntimePatch
+from maca_infer.common.versions import range_of
 
 logger = get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class PatchEntry:
-    target: str  # dotted path SGLang's HookRegistry resolves
-    hook_type: str  # "around" | "before" | "after" | "replace"
-    why: str
-    how: str
-    upstream_versions: str
-    remove_when: str
+OWNER = "sglang"
+VERSIONS = f"{range_of('sglang')} (checked on 0.5.23)"
+HOOK_TYPES = ("around", "before", "after", "replace")
 
 
-LEDGER: dict[str, PatchEntry] = {}
-
-
-def hook(target: str, fn: Callable, *, hook_type: str = "around", why: str, how: str,
-         upstream_versions: str, remove_when: str) -> None:
-    """Register ``fn`` on ``target`` through SGLang's HookRegistry and record it.
-
-    Raises RuntimeError when ``target`` already has a maca-infer hook: two
-    fixes on one target would hide each other.
-    """
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    if target in LEDGER:
-        raise RuntimeError(f"maca-infer: {target} already has a runtime hook ({LEDGER[target].why})")
-    try:
-        kind = HookType(hook_type)
-    except ValueError:
-        allowed = ", ".join(t.value for t in HookType)
-        raise ValueError(f"hook_type={hook_type!r} is not supported; allowed: {allowed}") from None
-    HookRegistry.register(target, fn, kind)
-    LEDGER[target] = PatchEntry(target, hook_type, why, how, upstream_versions, remove_when)
-    logger.debug("SGLang runtime hook on %s: %s", target, why)
-
-
-_ORIGINAL_VALUES: dict[str, tuple[object, str, object]] = {}
-
-
-def set_module_value(module: str, attr: str, value, *, why: str, how: str, upstream_versions: str,
-                     remove_when: str) -> None:
-    """Set ``module.attr = value`` (a flag read at call time), keeping the original."""
-    import importlib
-
-    target = f"{module}.{attr}"
-    if target in LEDGER:
-        raise RuntimeError(f"maca-infer: {target} already has a runtime patch ({LEDGER[target].why})")
-    mod = importlib.import_module(module)
-    if not hasattr(mod, attr):
-        raise RuntimeError(f"maca-infer: {target} does not exist in this SGLang; the patch needs review")
-    _ORIGINAL_VALUES[target] = (mod, attr, getattr(mod, attr))
-    setattr(mod, attr, value)
-    LEDGER[target] = PatchEntry(target, "value", why, how, upstream_versions, remove_when)
-
-
-def restore_values() -> None:
-    """Put back every value set by :func:`set_module_value` (tests)."""
-    for target, (mod, attr, original) in list(_ORIGINAL_VALUES.items()):
-        setattr(mod, attr, original)
-        del _ORIGINAL_VALUES[target]
-        LEDGER.pop(target, None)
-
-
-def ledger_markdown() -> str:
-    lines = ["| target | why | how | written for | remove when |", "|---|---|---|---|---|"]
-    for e in LEDGER.values():
-        lines.append(f"| `{e.target}` ({e.hook_type}) | {e.why} | {e.how} | sglang {e.upstream_versions} | {e.remove_when} |")
-    return "\n".join(lines)
+def _declare(target: str, *, why: str, how: str, remove_when: str) -> RuntimePatch:
+    return LEDGER.declare(target, owner=OWNER, why=why, how=how, versions=VERSIONS, remove_when=remove_when)
 
 
 # ---------------------------------------------------------------------------
-# The fixes (registered by plugin.register() only when the maca platform is
-# active, so an ordinary SGLang launch is untouched).
+# applying: hooks through SGLang's HookRegistry, values by setattr
+
+
+@dataclass
+class _Switch:
+    """The hook registered with SGLang for one target: runs ``fn`` while ``on``."""
+
+    hook_type: str
+    fn: Callable
+    on: bool = False
+
+    def __call__(self, *args, **kwargs):
+        kind = self.hook_type
+        if kind in ("around", "replace"):
+            original, args = args[0], args[1:]
+            if not self.on:
+                return original(*args, **kwargs)
+            return self.fn(original, *args, **kwargs) if kind == "around" else self.fn(*args, **kwargs)
+        if not self.on:
+            return None  # SGLang reads None as "no change" for before and after hooks
+        return self.fn(*args, **kwargs)
+
+
+_switches: dict[str, _Switch] = {}  # target -> the hook SGLang holds for it (this process)
+
+
+def hook(record: RuntimePatch, fn: Callable, *, hook_type: str = "around") -> None:
+    """Apply ``record`` by running ``fn`` on its target through SGLang's HookRegistry.
+
+    ``hook_type`` as in SGLang: "around" ``fn(original, *args)``, "replace"
+    ``fn(*args)``, "before" / "after" as SGLang defines them. Raises
+    RuntimeError when the target is already patched.
+    """
+    if hook_type not in HOOK_TYPES:
+        raise ValueError(f"hook_type={hook_type!r} is not supported; allowed: {', '.join(HOOK_TYPES)}")
+
+    def do():
+        switch = _switches.get(record.target)
+        if switch is None:
+            from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+            # around and replace both wrap the original, so the switch can hand calls back to it
+            kind = HookType.AROUND if hook_type in ("around", "replace") else HookType(hook_type)
+            switch = _Switch(hook_type, fn)
+            HookRegistry.register(record.target, switch, kind)
+            _switches[record.target] = switch
+        elif switch.hook_type != hook_type or switch.fn is not fn:
+            raise RuntimeError(f"maca-infer: {record.target} already has another hook registered with SGLang")
+        switch.on = True
+
+        def undo():
+            switch.on = False
+
+        return undo
+
+    LEDGER.apply(record, do)
+    logger.debug("SGLang runtime hook on %s: %s", record.target, record.why)
+
+
+def hook_of(target: str) -> Callable | None:
+    """The callable registered with SGLang's HookRegistry for ``target`` (None if none)."""
+    return _switches.get(target)
+
+
+def set_module_value(record: RuntimePatch, value) -> None:
+    """``module.attr = value`` for the record's target (a flag read at call time), the original kept."""
+    module_name, _, attr = record.target.rpartition(".")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise RuntimeError(f"maca-infer: {record.target} does not exist in this SGLang; the patch needs review")
+    LEDGER.set_attr(record, module, attr, value)
+
+
+def applied() -> list[RuntimePatch]:
+    return LEDGER.applied(OWNER)
+
+
+def undo_all() -> int:
+    """Undo every SGLang fix in effect (tests); returns how many."""
+    return LEDGER.undo_all(OWNER)
+
+
+# ---------------------------------------------------------------------------
+# the fixes
 
 
 def _rope_on_maca(original, *args, **kwargs):
@@ -117,8 +144,10 @@ def _awq_capability_for_moe_wna16(original, *args, **kwargs):
     return major, minor
 
 
-def _shared_expert_gate(hidden_states: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+def _shared_expert_gate(hidden_states, gate_weight):
     """sigmoid(hidden_states @ gate_weight) per token, fp32: [T, H] x [H] -> [T, 1]."""
+    import torch
+
     return torch.sigmoid(hidden_states.float() @ gate_weight.float().view(-1, 1))
 
 
@@ -133,99 +162,135 @@ def gate_sigmoid_mul_add_torch(hidden_states, gate_weight, shared_output, final_
     final_hidden_states.copy_((final_hidden_states.float() + gated).to(final_hidden_states.dtype))
 
 
-def register_all(*, emulated: bool) -> None:
-    if LEDGER:
-        return
-    hook(
-        "sglang.srt.models.deepseek_v2.get_rope_wrapper",
-        _rope_on_maca,
+ROPE_WRAPPER = _declare(
+    "sglang.srt.models.deepseek_v2.get_rope_wrapper",
+    why=(
+        "On the emulated maca device tensors live on 'cpu', and SGLang's get_rope_wrapper "
+        "sends device 'cpu' to get_rope_cpu, which asserts rope_scaling is deepseek_yarn "
+        "(AssertionError for DeepSeek-shaped models without YaRN, e.g. the project's tiny ones)"
+    ),
+    how=(
+        "around-hook on the name deepseek_v2.py calls: device 'cpu' becomes None, so the "
+        "generic get_rope path builds the same rotary classes (YaRN included); our "
+        "RotaryEmbedding OOT forward then runs maca_infer.common.ops.rotary_embedding"
+    ),
+    remove_when="SGLang routes rope construction through the platform (or get_rope_cpu handles no scaling)",
+)
+FORWARD_BATCH_IS_CPU = _declare(
+    "sglang.srt.model_executor.forward_batch_info._is_cpu",
+    why=(
+        "DP attention: ForwardBatch.prepare_mlp_sync_batch pins a host tensor unless "
+        "SGLang's in-tree CPU engine is on (pin_memory=not _is_cpu); pinning needs a CUDA "
+        "driver, so on the emulated maca device (host tensors) every DP step raised "
+        "'Found no NVIDIA driver'"
+    ),
+    how=(
+        "the module's _is_cpu flag (read at call time, only in prepare_mlp_sync_batch and "
+        "its padding) is True on the emulated device: no pinning, and padded rows take the "
+        "backend's get_cpu_graph_seq_len_fill_value (the maca backend answers 1)"
+    ),
+    remove_when="SGLang asks is_pin_memory_available(device) there as it does elsewhere",
+)
+DP_MEMCPY = _declare(
+    "sglang.srt.layers.dp_attention.memcpy_func",
+    why=(
+        "DP attention gathers rows with a Triton kernel unless SGLang's in-tree CPU engine is "
+        "on (memcpy_func chosen once at import); the emulated maca device declares "
+        "supports_triton=False and Triton has no CPU driver ('0 active drivers')"
+    ),
+    how="memcpy_func is SGLang's own torch copy (memcpy_cpu) on the emulated device",
+    remove_when="dp_attention consults current_platform.capabilities.supports_triton",
+)
+PARALLEL_STATE_IS_CPU = _declare(
+    "sglang.srt.distributed.parallel_state._is_cpu",
+    why=(
+        "tp/dp collectives on host tensors: unless SGLang's in-tree CPU engine is on, "
+        "all_gather_into_tensor / reduce_scatter_tensor go through the custom ops "
+        "sglang::reg_all_gather_into_tensor etc., which have no CPU kernel "
+        "(NotImplementedError ... from the 'CPU' backend) on the emulated device"
+    ),
+    how=(
+        "the module's _is_cpu flag (read at call time: all_gather_into_tensor, "
+        "reduce_scatter_tensor, and skipping torch.cuda.empty_cache at teardown) is True "
+        "on the emulated device, so they call torch.distributed (gloo) directly"
+    ),
+    remove_when="parallel_state registers CPU kernels for its collective custom ops or asks the platform",
+)
+MOE_WNA16_CAPABILITY = _declare(
+    "sglang.srt.layers.quantization.moe_wna16.get_device_capability",
+    why=(
+        "--quantization moe_wna16 on an AWQ checkpoint needs CUDA compute capability >= 7.5 "
+        "(SGLang's AWQ Triton kernels); the emulated maca device reports (None, None), so "
+        "SGLang refused the checkpoint ('model config (awq) does not match ... (moe_wna16)') "
+        "and MoeWNA16Config() raised TypeError on None * 10"
+    ),
+    how=(
+        "around-hook on the name moe_wna16.py calls (only that module): (None, None) reads "
+        "as AWQ's floor (7, 5); the maca platform runs our W4A16 kernels instead of SGLang's"
+    ),
+    remove_when="SGLang asks the platform (verify_quantization / capabilities) instead of CUDA capability",
+)
+QWEN2_MOE_GATES = tuple(
+    (_declare(
+        f"sglang.srt.models.qwen2_moe.{name}",
         why=(
-            "On the emulated maca device tensors live on 'cpu', and SGLang's get_rope_wrapper "
-            "sends device 'cpu' to get_rope_cpu, which asserts rope_scaling is deepseek_yarn "
-            "(AssertionError for DeepSeek-shaped models without YaRN, e.g. the project's tiny ones)"
+            "SGLang's Qwen2-MoE gates its shared expert with a Triton kernel on every device "
+            "(no device check); the emulated maca device has no Triton driver ('0 active drivers')"
         ),
-        how=(
-            "around-hook on the name deepseek_v2.py calls: device 'cpu' becomes None, so the "
-            "generic get_rope path builds the same rotary classes (YaRN included); our "
-            "RotaryEmbedding OOT forward then runs maca_infer.common.ops.rotary_embedding"
-        ),
-        upstream_versions=">=0.5.20,<0.6 (checked on 0.5.23)",
-        remove_when="SGLang routes rope construction through the platform (or get_rope_cpu handles no scaling)",
-    )
-    if emulated:
-        set_module_value(
-            "sglang.srt.model_executor.forward_batch_info", "_is_cpu", True,
-            why=(
-                "DP attention: ForwardBatch.prepare_mlp_sync_batch pins a host tensor unless "
-                "SGLang's in-tree CPU engine is on (pin_memory=not _is_cpu); pinning needs a CUDA "
-                "driver, so on the emulated maca device (host tensors) every DP step raised "
-                "'Found no NVIDIA driver'"
-            ),
-            how=(
-                "the module's _is_cpu flag (read at call time, only in prepare_mlp_sync_batch and "
-                "its padding) is True on the emulated device: no pinning, and padded rows take the "
-                "backend's get_cpu_graph_seq_len_fill_value (the maca backend answers 1)"
-            ),
-            upstream_versions=">=0.5.20,<0.6 (checked on 0.5.23)",
-            remove_when="SGLang asks is_pin_memory_available(device) there as it does elsewhere",
-        )
-        from sglang.srt.layers import dp_attention
+        how=f"replace-hook on the name qwen2_moe.py calls: the same math in torch (fp32 gate) ({fn.__name__})",
+        remove_when="qwen2_moe.py falls back to torch when current_platform.capabilities.supports_triton is False",
+    ), fn)
+    for name, fn in (("fused_gate_sigmoid_mul", gate_sigmoid_mul_torch),
+                     ("fused_gate_sigmoid_mul_add", gate_sigmoid_mul_add_torch))
+)
 
-        set_module_value(
-            "sglang.srt.layers.dp_attention", "memcpy_func", dp_attention.memcpy_cpu,
-            why=(
-                "DP attention gathers rows with a Triton kernel unless SGLang's in-tree CPU engine is "
-                "on (memcpy_func chosen once at import); the emulated maca device declares "
-                "supports_triton=False and Triton has no CPU driver ('0 active drivers')"
-            ),
-            how="memcpy_func is SGLang's own torch copy (memcpy_cpu) on the emulated device",
-            upstream_versions=">=0.5.20,<0.6 (checked on 0.5.23)",
-            remove_when="dp_attention consults current_platform.capabilities.supports_triton",
-        )
-        set_module_value(
-            "sglang.srt.distributed.parallel_state", "_is_cpu", True,
-            why=(
-                "tp/dp collectives on host tensors: unless SGLang's in-tree CPU engine is on, "
-                "all_gather_into_tensor / reduce_scatter_tensor go through the custom ops "
-                "sglang::reg_all_gather_into_tensor etc., which have no CPU kernel "
-                "(NotImplementedError ... from the 'CPU' backend) on the emulated device"
-            ),
-            how=(
-                "the module's _is_cpu flag (read at call time: all_gather_into_tensor, "
-                "reduce_scatter_tensor, and skipping torch.cuda.empty_cache at teardown) is True "
-                "on the emulated device, so they call torch.distributed (gloo) directly"
-            ),
-            upstream_versions=">=0.5.20,<0.6 (checked on 0.5.23)",
-            remove_when="parallel_state registers CPU kernels for its collective custom ops or asks the platform",
-        )
-        hook(
-            "sglang.srt.layers.quantization.moe_wna16.get_device_capability",
-            _awq_capability_for_moe_wna16,
-            why=(
-                "--quantization moe_wna16 on an AWQ checkpoint needs CUDA compute capability >= 7.5 "
-                "(SGLang's AWQ Triton kernels); the emulated maca device reports (None, None), so "
-                "SGLang refused the checkpoint ('model config (awq) does not match ... (moe_wna16)') "
-                "and MoeWNA16Config() raised TypeError on None * 10"
-            ),
-            how=(
-                "around-hook on the name moe_wna16.py calls (only that module): (None, None) reads "
-                "as AWQ's floor (7, 5); the maca platform runs our W4A16 kernels instead of SGLang's"
-            ),
-            upstream_versions=">=0.5.20,<0.6 (checked on 0.5.23)",
-            remove_when="SGLang asks the platform (verify_quantization / capabilities) instead of CUDA capability",
-        )
-        for name, fn in (("fused_gate_sigmoid_mul", gate_sigmoid_mul_torch),
-                         ("fused_gate_sigmoid_mul_add", gate_sigmoid_mul_add_torch)):
-            hook(
-                f"sglang.srt.models.qwen2_moe.{name}",
-                fn,
-                hook_type="replace",
-                why=(
-                    "SGLang's Qwen2-MoE gates its shared expert with a Triton kernel on every device "
-                    "(no device check); the emulated maca device has no Triton driver "
-                    "('0 active drivers')"
-                ),
-                how=f"replace-hook on the name qwen2_moe.py calls: the same math in torch (fp32 gate) ({fn.__name__})",
-                upstream_versions=">=0.5.20,<0.6 (checked on 0.5.23)",
-                remove_when="qwen2_moe.py falls back to torch when current_platform.capabilities.supports_triton is False",
-            )
+
+BATCH_INVARIANT_MODE = _declare(
+    "sglang.srt.batch_invariant_ops.enable_batch_invariant_mode",
+    why=(
+        "--enable-deterministic-inference (what makes SGLang honour a request's sampling_seed / "
+        "OpenAI seed) switches on SGLang's batch-invariant mode, which registers Triton matmul / "
+        "log_softmax / mean kernels for the CUDA, XPU or NPU dispatch key; on the emulated maca "
+        "device (CPU tensors) get_dispatch_device_backend() raised 'No supported accelerator "
+        "(CUDA/XPU) available' and the server died at start"
+    ),
+    how=(
+        "replace-hook on the name model_runner.py imports at call time, only on the emulated "
+        "device: logs that the CPU aten ops keep running (seeded sampling stays reproducible "
+        "for a repeated request; bitwise batch invariance is not promised there) and enables "
+        "nothing; on a MACA device SGLang's own mode runs (CUDA dispatch key, Triton)"
+    ),
+    remove_when="SGLang's batch-invariant mode supports the CPU dispatch key or asks the platform",
+)
+
+
+def _batch_invariant_mode_emulated(*args, **kwargs) -> None:
+    """enable_batch_invariant_mode on the emulated device: nothing to register for CPU tensors."""
+    logger.warning(
+        "deterministic inference on the EMULATED maca device: SGLang's batch-invariant Triton "
+        "kernels need a device; CPU aten ops run instead (a seeded request repeats exactly, "
+        "bitwise batch invariance is not promised)"
+    )
+
+
+def register_all(*, emulated: bool) -> None:
+    """Apply the fixes for this process (those not in effect yet); emulated-device fixes only when emulated."""
+
+    def apply_hook(record, fn, hook_type="around"):
+        if not LEDGER.is_applied(record.target):
+            hook(record, fn, hook_type=hook_type)
+
+    def apply_value(record, value_of):
+        if not LEDGER.is_applied(record.target):
+            set_module_value(record, value_of())
+
+    apply_hook(ROPE_WRAPPER, _rope_on_maca)
+    if not emulated:
+        return
+    apply_value(FORWARD_BATCH_IS_CPU, lambda: True)
+    apply_value(DP_MEMCPY, lambda: importlib.import_module("sglang.srt.layers.dp_attention").memcpy_cpu)
+    apply_value(PARALLEL_STATE_IS_CPU, lambda: True)
+    apply_hook(MOE_WNA16_CAPABILITY, _awq_capability_for_moe_wna16)
+    for record, fn in QWEN2_MOE_GATES:
+        apply_hook(record, fn, hook_type="replace")
+    apply_hook(BATCH_INVARIANT_MODE, _batch_invariant_mode_emulated, hook_type="replace")

@@ -12,8 +12,11 @@ it registers, through SGLang's own extension points only:
   (``AttentionBackendRegistry.register``): non-absorbed prefill when no
   prefix is cached, absorbed MLA otherwise;
 - OOT forwards of RMSNorm / SiluAndMul / RotaryEmbedding (fused_ops.py);
-- the W4A16 fused-MoE path of ``--quantization moe_wna16`` (moe_wna16.py);
-- the ledgered runtime fixes of patching.py (through SGLang's HookRegistry).
+- the ledgered runtime fixes declared in patching.py (records of the one patch
+  helper, common/patching.py; hooks through SGLang's HookRegistry).
+
+``--quantization moe_wna16`` needs nothing here: the platform answers
+``get_quantization_config`` with moe_wna16.py's config.
 """
 
 from __future__ import annotations
@@ -57,12 +60,10 @@ def register() -> None:
 
     from sglang.srt.platforms import current_platform
 
-    # ledgered runtime fixes, applied by SGLang's HookRegistry
+    # ledgered runtime fixes (common/patching.py), reaching SGLang through its HookRegistry;
+    # moe_wna16 needs no registration: the platform hands out its config (get_quantization_config)
     patching.register_all(emulated=getattr(current_platform, "emulated", False))
-    from maca_infer.adapters.sglang import moe_wna16
-
-    moe_wna16.register()
-    log_once(logger, logging.INFO, "SGLang: attention backend 'maca', fused ops and moe_wna16 registered")
+    log_once(logger, logging.INFO, "SGLang: attention backend 'maca', fused ops and runtime fixes registered")
 
 
 def handle_attention_maca(attn, forward_batch):

@@ -195,24 +195,47 @@ def test_unpack_row_pairs_matches_sglang_packing():
 
 
 def test_every_runtime_fix_is_ledgered_and_resolves():
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
-    assert not patching.LEDGER, "another test left runtime fixes registered"
+    assert patching.applied() == [], "another test left runtime fixes applied"
     try:
         patching.register_all(emulated=True)
-        assert len(patching.LEDGER) >= 5
-        for target, entry in patching.LEDGER.items():
-            assert entry.why and entry.how and entry.remove_when and "0.5" in entry.upstream_versions
-            pkgutil.resolve_name(target)  # still exists in the installed SGLang
+        applied = patching.applied()
+        assert len(applied) >= 5
+        for record in applied:
+            assert record.why and record.how and record.remove_when and "0.5" in record.versions
+            pkgutil.resolve_name(record.target)  # still exists in the installed SGLang
         with pytest.raises(RuntimeError, match="already"):
-            patching.hook(next(iter(patching.LEDGER)), lambda *a, **k: None, why="x", how="x",
-                          upstream_versions="x", remove_when="x")
-        assert "| `sglang.srt" in patching.ledger_markdown()
+            patching.hook(patching.ROPE_WRAPPER, lambda *a, **k: None)
     finally:
-        patching.restore_values()
-        for target in list(patching.LEDGER):
-            HookRegistry._hooks.pop(target, None)
-        patching.LEDGER.clear()
+        assert patching.undo_all() == len(applied)
     from sglang.srt.model_executor import forward_batch_info
 
     assert forward_batch_info._is_cpu is False  # restored
+
+
+def test_sglang_hooks_are_undone_through_the_helper():
+    """The hook SGLang holds runs the fix while it is applied and SGLang's own function after undo."""
+    from sglang.srt.distributed import parallel_state
+
+    seen = []
+
+    def get_rope_upstream(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+
+    patching.register_all(emulated=True)
+    try:
+        rope_hook = patching.hook_of(patching.ROPE_WRAPPER.target)
+        rope_hook(get_rope_upstream, 64, device="cpu")
+        assert seen == [None] and parallel_state._is_cpu is True
+    finally:
+        patching.undo_all()
+    rope_hook(get_rope_upstream, 64, device="cpu")
+    assert seen == [None, "cpu"] and parallel_state._is_cpu is False
+    # applying again re-arms the same hook (SGLang's registry gets no second one)
+    patching.register_all(emulated=False)
+    try:
+        assert patching.hook_of(patching.ROPE_WRAPPER.target) is rope_hook
+        assert [r.target for r in patching.applied()] == [patching.ROPE_WRAPPER.target]
+        rope_hook(get_rope_upstream, 64, device="cpu")
+        assert seen[-1] is None
+    finally:
+        patching.undo_all()
