@@ -355,19 +355,21 @@ def paged_decode_attention(
     batch = kv_lens.shape[0]
     q = query.reshape(-1, num_q_heads, query.shape[-1])
     num_tokens = q.shape[0]
-    if num_tokens % batch:
+    # an empty batch (0 sequences, 0 tokens) is valid: one token each, of none
+    if (num_tokens % batch) if batch else num_tokens:
         raise ValueError(
             f"paged_decode_attention: {num_tokens} query tokens for {batch} sequences; "
             "every sequence must decode the same number of tokens"
         )
-    q_len = num_tokens // batch
+    q_len = num_tokens // batch if batch else 1
     if q_len > 1:
         q = q.view(batch, q_len, num_q_heads, q.shape[-1])
     result = mops.paged_decode_attention(
         q, key_cache, value_cache, _as_device_int32(block_table, device), kv_lens,
         scale=softmax_scale, alibi_slopes=alibi_slopes,
     )
-    return _write_out(result.reshape(num_tokens, num_q_heads, -1), attn_output)
+    # explicit head_dim_v: reshape(0, Hq, -1) cannot infer -1 for an empty batch
+    return _write_out(result.reshape(num_tokens, num_q_heads, result.shape[-1]), attn_output)
 
 
 # --------------------------------------------------------------------------- MoE
