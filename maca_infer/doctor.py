@@ -211,6 +211,18 @@ def _adapters_section() -> list[dict[str, Any]]:
     return rows
 
 
+def _runtime_patches_section() -> list[dict[str, Any]]:
+    """Per owner: runtime patches declared, and applied in this process (the full list: `patches list --runtime`)."""
+    from maca_infer.patches_cli import runtime_ledger
+
+    counts: dict[str, dict[str, Any]] = {}
+    for row in runtime_ledger():
+        entry = counts.setdefault(row["owner"], {"owner": row["owner"], "declared": 0, "applied_here": 0})
+        entry["declared"] += 1
+        entry["applied_here"] += row.get("applied_parts") or int(row["applied"])
+    return list(counts.values())
+
+
 def collect(graph_mode: bool = False) -> dict[str, Any]:
     """Everything the doctor reports, as one JSON-able dict."""
     problems: list[dict] = []
@@ -220,6 +232,8 @@ def collect(graph_mode: bool = False) -> dict[str, Any]:
     report["toolkit"] = _toolkit_section(kind, problems)
     report["env"] = _env_section(kind, graph_mode, problems)
     report["adapters"] = _adapters_section()
+    # beside the emulation's count: every owner's declared / applied runtime patches
+    report["device"]["runtime_patches_by_owner"] = _runtime_patches_section()
     report["problems"] = problems
     report["ok"] = not any(p["required"] for p in problems)
     return report
@@ -274,6 +288,11 @@ def render(report: dict[str, Any]) -> str:
     parts.append(_table(
         ["adapter", "would activate", "why not"],
         [[a["adapter"], "yes" if a["would_activate"] else "no", a["why_not"] or ""] for a in report["adapters"]],
+    ))
+    parts.append("\n== runtime patches (all of them: maca-infer patches list --runtime) ==")
+    parts.append(_table(
+        ["owner", "declared", "applied in this process"],
+        [[r["owner"], r["declared"], r["applied_here"]] for r in report["device"]["runtime_patches_by_owner"]],
     ))
     if report["problems"]:
         parts.append("\n== problems ==")

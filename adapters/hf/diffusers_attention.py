@@ -11,7 +11,7 @@ Diffusers reaches attention two ways, and we plug into both:
    ``dispatch_attention_fn``, which looks the backend up by
    ``AttentionBackendName``. ``register_backend()`` adds a "maca" member and
    its function, so ``model.set_attention_backend("maca")`` and
-   ``with attention_backend("maca")`` work (patch ledger: _patches.LEDGER).
+   ``with attention_backend("maca")`` work (ledgered: _patches.DIFFUSERS_BACKEND).
 
 Anything our kernel cannot reproduce exactly (dropout, return_lse, context
 parallelism, bias masks, autograd) runs the stock SDPA / native backend, with
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from maca_infer.adapters.hf import attention as packed
+from maca_infer.adapters.hf._patches import DIFFUSERS_BACKEND
 from maca_infer.common.log import get_logger, log_once
+from maca_infer.common.patching import LEDGER
 
 logger = get_logger(__name__)
 
@@ -176,14 +178,8 @@ def register_backend():
 
     member = _backend_member()
     if member is None:
-        # AttentionBackendName is a closed str Enum; build the member the way Enum does (see _patches.LEDGER)
-        member = str.__new__(AttentionBackendName, BACKEND_NAME)
-        member._name_ = "MACA"
-        member._value_ = BACKEND_NAME
-        member.__objclass__ = AttentionBackendName
-        AttentionBackendName._member_map_["MACA"] = member
-        AttentionBackendName._value2member_map_[BACKEND_NAME] = member
-        AttentionBackendName._member_names_.append("MACA")
+        LEDGER.apply(DIFFUSERS_BACKEND, lambda: _add_member(AttentionBackendName))
+        member = _backend_member()
     if _AttentionBackendRegistry._backends.get(member) is not maca_dispatch_attention:
         _AttentionBackendRegistry._backends[member] = maca_dispatch_attention
         _AttentionBackendRegistry._constraints[member] = [_check_device]
@@ -191,6 +187,25 @@ def register_backend():
             inspect.signature(maca_dispatch_attention).parameters
         )
     return member
+
+
+def _add_member(enum_cls):
+    """AttentionBackendName is a closed str Enum: build the "maca" member the way Enum does; returns its undo."""
+    member = str.__new__(enum_cls, BACKEND_NAME)
+    member._name_ = "MACA"
+    member._value_ = BACKEND_NAME
+    member.__objclass__ = enum_cls
+    enum_cls._member_map_["MACA"] = member
+    enum_cls._value2member_map_[BACKEND_NAME] = member
+    enum_cls._member_names_.append("MACA")
+
+    def undo():
+        enum_cls._member_map_.pop("MACA", None)
+        enum_cls._value2member_map_.pop(BACKEND_NAME, None)
+        if "MACA" in enum_cls._member_names_:
+            enum_cls._member_names_.remove("MACA")
+
+    return undo
 
 
 def unregister_backend() -> None:
@@ -207,10 +222,8 @@ def unregister_backend() -> None:
     for table in (_AttentionBackendRegistry._backends, _AttentionBackendRegistry._constraints,
                   _AttentionBackendRegistry._supported_arg_names):
         table.pop(member, None)
-    AttentionBackendName._member_map_.pop("MACA", None)
-    AttentionBackendName._value2member_map_.pop(BACKEND_NAME, None)
-    if "MACA" in AttentionBackendName._member_names_:
-        AttentionBackendName._member_names_.remove("MACA")
+    if LEDGER.is_applied(DIFFUSERS_BACKEND.target):
+        LEDGER.undo(DIFFUSERS_BACKEND.target)
 
 
 # ---------------------------------------------------------------- enable / disable a model

@@ -8,7 +8,7 @@
   fused weight is built once; gate_proj/up_proj keep their Parameters, now
   views into it, so no memory is duplicated and the state dict is unchanged;
 - the architecture's ``apply_rotary_pos_emb`` -> ``ops.apply_rotary`` (neox
-  style), inside this model's attention modules only (see _patches.LEDGER);
+  style), inside this model's attention modules only (ledgered: _patches.ROTARY);
 - attention -> attn_implementation="maca" (``transformers_attention``);
 - routed MoE experts -> experts_implementation="maca" (``ops.fused_moe``,
   ``transformers_experts``) where the model has ExpertsInterface experts.
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from maca_infer.adapters.hf._patches import PATCHES
+from maca_infer.adapters.hf._patches import ROTARY
+from maca_infer.common.patching import LEDGER
 from maca_infer.common.log import get_logger, log_once
 
 logger = get_logger(__name__)
@@ -256,7 +257,8 @@ def _acquire_rotary(module_name: str) -> None:
     modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     with _rotary_lock:
         if _rotary_users.get(module_name, 0) == 0:
-            PATCHES.patch(modeling, "apply_rotary_pos_emb", _make_rotary(modeling.apply_rotary_pos_emb))
+            part = LEDGER.part(ROTARY, f"{modeling.__name__}.apply_rotary_pos_emb")
+            LEDGER.set_attr(part, modeling, "apply_rotary_pos_emb", _make_rotary(modeling.apply_rotary_pos_emb))
         _rotary_users[module_name] = _rotary_users.get(module_name, 0) + 1
 
 
@@ -266,7 +268,7 @@ def _release_rotary(module_name: str) -> None:
         _rotary_users[module_name] = _rotary_users.get(module_name, 1) - 1
         if _rotary_users[module_name] <= 0:
             _rotary_users.pop(module_name, None)
-            PATCHES.restore(modeling, "apply_rotary_pos_emb")
+            LEDGER.undo(f"{modeling.__name__}.apply_rotary_pos_emb")
 
 
 # ---------------------------------------------------------------- enable / disable

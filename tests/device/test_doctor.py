@@ -54,6 +54,9 @@ def test_doctor_json_in_a_fresh_process(run_python):
     assert report["device"]["emulation_active"] is True  # the autoload hook installed it
     assert report["device"]["runtime_patches"] > 40
     assert report["device"]["emulated_memory_bytes"] > 0
+    owners = {r["owner"]: r for r in report["device"]["runtime_patches_by_owner"]}
+    assert owners["device"]["applied_here"] == report["device"]["runtime_patches"]
+    assert owners["lmdeploy"]["declared"] >= 6 and owners["lmdeploy"]["applied_here"] == 0
 
 
 @pytest.mark.slow
