@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from maca_infer.common import envs
+
 BF16 = 2  # bytes per element of the activations/weights in every case
 
 
@@ -335,7 +337,6 @@ def host_figures(batch: int, context: int, block_size: int, layers: int) -> dict
         out["triton_launches_per_layer"] = None
         out["triton_launches_error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"
 
-    saved = os.environ.get("MACA_INFER_OPS_IMPL")
     # reference path: aten ops (each a launch on a device), host syncs, host time
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -349,8 +350,7 @@ def host_figures(batch: int, context: int, block_size: int, layers: int) -> dict
                 self.syncs += 1  # .item() / int(tensor): waits for the device
             return func(*args, **(kwargs or {}))
 
-    os.environ["MACA_INFER_OPS_IMPL"] = "reference"
-    try:
+    with envs.temporarily(MACA_INFER_OPS_IMPL="reference"):
         step = _decode_layer(cpu, batch, context, block_size, tiny)
         with Count() as c:
             step()
@@ -365,11 +365,6 @@ def host_figures(batch: int, context: int, block_size: int, layers: int) -> dict
                 step()
             t.append(time.perf_counter() - t0)
         out["host_us_per_step_reference"] = statistics.median(t) * 1e6
-    finally:
-        if saved is None:
-            os.environ.pop("MACA_INFER_OPS_IMPL", None)
-        else:
-            os.environ["MACA_INFER_OPS_IMPL"] = saved
     return out
 
 

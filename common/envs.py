@@ -1,15 +1,23 @@
-"""The one reader of maca-infer's own environment variables.
+"""The one reader of environment variables in maca-infer.
 
 Every ``MACA_INFER_*`` variable is declared here with its allowed values;
 anything else in the code base calls these functions instead of
 ``os.environ``. A bad value is a ``ValueError`` naming the variable, the value
-and what is allowed. (MetaX's and the frameworks' own variables, such as
-``MACA_PATH``, are handled in ``common/device/env.py``.)
+and what is allowed.
+
+Other programs' variables that maca-infer reads (MetaX's toolkit, Triton,
+dlinfer, SGLang) are read here too, through :func:`external` or a named
+helper, their meaning left to their owners (declared in ``EXTERNAL``). Which
+vendor knobs maca-infer *sets* for a framework is ``common/device/env.py``'s
+business; :func:`temporarily` sets variables for a block and restores them.
+(tests/tools/test_env_reads.py checks that no other module reads ``os.environ``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 # name -> (allowed values or None for free-form, default, help)
 VARIABLES: dict[str, tuple[tuple[str, ...] | None, str, str]] = {
@@ -55,6 +63,16 @@ VARIABLES: dict[str, tuple[tuple[str, ...] | None, str, str]] = {
         "",
         "where the tiny model factory caches checkpoints (default ~/.cache/maca-infer/models)",
     ),
+}
+
+
+# other programs' variables read by maca-infer -> what they mean to their owner
+EXTERNAL: dict[str, str] = {
+    "MACA_PATH": "MetaX toolkit root (default /opt/maca)",
+    "TRITON_INTERPRET": "Triton: 1 runs kernels on CPU tensors in numpy",
+    "DLINFER_LINEAR_USE_NN_LAYOUT": "dlinfer: 1 means linear weights are [K, N] (x @ W) instead of [N, K]",
+    "SGLANG_PLATFORM": "SGLang: the sglang.srt.platforms entry point to use",
+    "SGLANG_CPU_OMP_THREADS_BIND": "SGLang: cores of each CPU rank's OpenMP threads",
 }
 
 
@@ -126,6 +144,43 @@ def model_cache_dir() -> str:
     )
 
 
+def external(name: str) -> str | None:
+    """Raw value of another program's variable (None when unset); MACA_INFER_* go through :func:`get`."""
+    if name.startswith("MACA_INFER_"):
+        raise KeyError(f"{name} is maca-infer's own variable: read it with envs.get()")
+    return os.environ.get(name)
+
+
 def triton_interpret() -> bool:
     """Triton's own TRITON_INTERPRET=1: kernels run on CPU tensors in numpy."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+    return (external("TRITON_INTERPRET") or "0").strip() == "1"
+
+
+def maca_path(default: str) -> str:
+    """``$MACA_PATH`` (MetaX toolkit root), or ``default`` when unset or blank."""
+    return (external("MACA_PATH") or "").strip() or default
+
+
+def dlinfer_linear_nn_layout() -> bool:
+    """dlinfer's DLINFER_LINEAR_USE_NN_LAYOUT=1: ``linear`` weights come as [K, N]."""
+    return (external("DLINFER_LINEAR_USE_NN_LAYOUT") or "0").strip() == "1"
+
+
+def sglang_platform() -> str:
+    """SGLang's SGLANG_PLATFORM (an entry-point name of sglang.srt.platforms), "" when unset."""
+    return (external("SGLANG_PLATFORM") or "").strip()
+
+
+@contextlib.contextmanager
+def temporarily(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, then restore each (unset again if it was unset)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from maca_infer.common import versions
+from maca_infer.common import envs, versions
 
 # adapter -> (import path, distributions that must be installed and in range: all of / any of)
 ADAPTERS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -182,7 +182,7 @@ def _env_section(kind: str | None, graph_mode: bool, problems: list[dict]) -> di
                 status = "MetaX hosts only"
             else:
                 status = "would set"
-            rows.append({"name": change.name, "value": change.value, "in_effect": os.environ.get(change.name),
+            rows.append({"name": change.name, "value": change.value, "in_effect": envs.external(change.name),
                          "status": status, "why": change.why})
         section["frameworks"][framework] = rows
     return section

@@ -24,13 +24,13 @@ Conventions LMDeploy uses (and the interface tests check):
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from maca_infer.common import envs
 from maca_infer.common import ops as mops
 
 # what upstream dlinfer's maca vendor lacks: added to an installed upstream
@@ -470,7 +470,7 @@ def linear(
     group: Any = "",
 ) -> torch.Tensor:
     """``y = x @ W^T + b`` (W [N, K]; [K, N] when DLINFER_LINEAR_USE_NN_LAYOUT=1), optional all-reduce."""
-    if os.getenv("DLINFER_LINEAR_USE_NN_LAYOUT", "0") == "1":
+    if envs.dlinfer_linear_nn_layout():
         out = torch.matmul(x, weight)
         if bias is not None:
             out = out + bias

@@ -225,13 +225,13 @@ class MacaSRTPlatform(SRTPlatform):
             ranks = 1
             for name in ("tp_size", "pp_size", "dp_size"):
                 ranks *= int(getattr(server_args, name, 1) or 1)
-            if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+            if ranks > 1 and envs.external("SGLANG_CPU_OMP_THREADS_BIND") is None:
                 # SGLang binds each CPU rank's OpenMP threads to one NUMA node and
                 # refuses more ranks than nodes unless told which cores each rank
                 # gets (its own variable); spawned ranks inherit it.
-                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_binding_for_ranks(ranks)
-                logger.info("SGLANG_CPU_OMP_THREADS_BIND=%s (%d CPU ranks on the emulated device)",
-                            os.environ["SGLANG_CPU_OMP_THREADS_BIND"], ranks)
+                binding = cpu_binding_for_ranks(ranks)
+                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = binding
+                logger.info("SGLANG_CPU_OMP_THREADS_BIND=%s (%d CPU ranks on the emulated device)", binding, ranks)
 
     def init_backend(self) -> None:
         from maca_infer.adapters.sglang.plugin import register

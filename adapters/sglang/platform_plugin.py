@@ -16,7 +16,6 @@ Anything else (a CPU host with MACA_INFER_DEVICE unset, an NVIDIA host) gets
 from __future__ import annotations
 
 import logging
-import os
 
 from maca_infer.common.log import get_logger, log_once
 
@@ -32,7 +31,7 @@ def should_activate() -> tuple[bool, str]:
     from maca_infer.common.device import resolve
 
     # SGLang's own selector variable: it names an entry point of its group.
-    forced = os.environ.get("SGLANG_PLATFORM", "").strip() == ENTRY_POINT_NAME
+    forced = envs.sglang_platform() == ENTRY_POINT_NAME
     requested = envs.device_override()
     # an explicit MACA_INFER_DEVICE that cannot be met raises: the user's error to see
     resolution = resolve()

@@ -82,7 +82,7 @@ _cached: Resolution | None = None
 
 def maca_path() -> str:
     """``$MACA_PATH`` or the toolkit's default install location."""
-    return os.environ.get("MACA_PATH", "").strip() or DEFAULT_MACA_PATH
+    return envs.maca_path(DEFAULT_MACA_PATH)
 
 
 def find_mx_smi(root: str | None = None) -> str | None:
