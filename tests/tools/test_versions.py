@@ -1,0 +1,65 @@
+"""Version ranges have one source (common/versions.py): pyproject and README state the same."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from maca_infer.common import versions
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _pyproject_requirements() -> list[tuple[str, Requirement]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found = [("dependencies", Requirement(r)) for r in project["dependencies"]]
+    for extra, reqs in project["optional-dependencies"].items():
+        found += [(f"[{extra}]", Requirement(r)) for r in reqs]
+    return found
+
+
+def _readme_table() -> dict[str, tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\S+) \| `([^`]+)` \| (\S+) \|$", section, flags=re.M)
+    return {name: (spec, tested) for name, spec, tested in rows}
+
+
+def test_pyproject_states_the_supported_ranges():
+    named = set()
+    for where, req in _pyproject_requirements():
+        if req.name in versions.SUPPORTED:
+            named.add(req.name)
+            assert req.specifier == SpecifierSet(versions.SUPPORTED[req.name][0]), (
+                f"pyproject {where}: {req} but common/versions.py supports {req.name}{versions.SUPPORTED[req.name][0]}"
+            )
+    assert named == set(versions.SUPPORTED), f"not in pyproject: {set(versions.SUPPORTED) - named}"
+
+
+def test_readme_table_states_the_supported_ranges_and_tested_versions_fall_in_them():
+    table = _readme_table()
+    assert set(table) == set(versions.SUPPORTED)
+    for name, (spec, tested) in table.items():
+        assert SpecifierSet(spec) == SpecifierSet(versions.SUPPORTED[name][0]), f"README {name}: {spec}"
+        assert Version(tested) in SpecifierSet(spec), f"README {name}: tested {tested} outside {spec}"
+
+
+def test_the_pinned_test_environment_is_the_tested_one():
+    pins = {}
+    for pinned in ("constraints.txt", "no-deps.txt"):  # what `make install` installs
+        pins.update(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "requirements" / pinned).read_text(), flags=re.M))
+    for name, (_, tested) in _readme_table().items():
+        assert pins.get(name) == tested, f"requirements/ pins {name}=={pins.get(name)}; README says {tested}"
+
+
+def test_runtime_patches_state_the_supported_range():
+    from maca_infer.adapters.lmdeploy import patching as lmdeploy_patching
+    from maca_infer.adapters.sglang import patching as sglang_patching
+
+    assert versions.SUPPORTED["lmdeploy"][0] in lmdeploy_patching.VERSIONS
+    assert versions.SUPPORTED["sglang"][0] in sglang_patching.VERSIONS
