@@ -1,6 +1,6 @@
 """maca-infer: LMDeploy, SGLang and Hugging Face inference on MetaX MACA GPUs.
 
-Import map (see DESIGN.md):
+Import map (layers, call flows, where to add things: docs/architecture.md):
     maca_infer.common.device   what the maca device is here; env; emulation
     maca_infer.common.ops      kernels + torch references + dispatch
     maca_infer.adapters.*      lmdeploy / sglang / hf glue (import lazily)

@@ -1,6 +1,6 @@
 """Device resolution: what the maca device is on this host.
 
-Three kinds of host (DESIGN.md "Devices"):
+Three kinds of host (docs/architecture.md, "The device: one resolution"):
 
 =============  ==========================================  ============
 kind           evidence                                    torch device

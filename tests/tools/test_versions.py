@@ -63,3 +63,16 @@ def test_runtime_patches_state_the_supported_range():
 
     assert versions.SUPPORTED["lmdeploy"][0] in lmdeploy_patching.VERSIONS
     assert versions.SUPPORTED["sglang"][0] in sglang_patching.VERSIONS
+
+
+# ---------------------------------------------------------------- the architecture page
+
+
+def test_architecture_page_maps_every_package_dir_and_nothing_points_to_a_missing_design_doc():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in package_dir.items():
+        assert f"| `{folder}/` | `{package}` |" in page, f"docs/architecture.md does not map {folder}/ -> {package}"
+    stale = [p.relative_to(ROOT).as_posix() for folder in ("common", "adapters", "maca_infer", "bench", "patches")
+             for p in (ROOT / folder).rglob("*.py") if "DESIGN.md" in p.read_text()]
+    assert stale == [] and "DESIGN.md" not in (ROOT / "README.md").read_text()
