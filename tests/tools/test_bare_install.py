@@ -7,8 +7,10 @@ Two guards:
   module that is not a declared base dependency (or one of theirs). This
   venv holds every framework, so a module-level ``import requests`` would
   import fine here; only this check sees it.
-- a bare venv (slow): the declared dependencies only (torch from a local
-  wheel when one fits, so it stays fast) plus a wheel of this working tree
+- a bare venv (slow, about 2 minutes on 2 cores): the declared dependencies
+  only (torch from a local wheel that satisfies the declared range, looked
+  for in $BARE_INSTALL_TORCH_WHEELS, default /opt/wheels, so it stays fast;
+  else from pip's index) plus a wheel of this working tree
   installed with --no-deps; ``maca-infer --help``, ``doctor`` (table and
   --json) and ``patches list|check|apply|revert`` must work there, and
   ``make-model`` / ``eval`` must name the extra to install.
@@ -34,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 DECLARED = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
-# torch wheels to reuse for the bare venv (pip config's find-links here)
+# folders of torch wheels to reuse for the bare venv (os.pathsep-separated)
 TORCH_WHEEL_DIRS = [Path(p) for p in os.environ.get("BARE_INSTALL_TORCH_WHEELS", "/opt/wheels").split(os.pathsep) if p]
 
 # Imports the declared dependencies (what they import themselves, optional
