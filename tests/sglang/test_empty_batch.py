@@ -176,7 +176,8 @@ def _mha_backend():
     r2t = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
     kv = MHATokenToKVPool(size=64, page_size=PAGE, dtype=DTYPE, head_num=HK, head_dim=HEAD_DIM, layer_num=1,
                           device="cpu", enable_memory_saver=False)
-    backend = MacaAttnBackend(SimpleNamespace(device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv))
+    runner = SimpleNamespace(device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv, model=torch.nn.Module())
+    backend = MacaAttnBackend(runner)
     return backend, kv
 
 
@@ -185,8 +186,8 @@ def _mla_backend():
     kv = MLATokenToKVPool(size=64, page_size=PAGE, dtype=DTYPE, kv_lora_rank=KV_LORA_RANK,
                           qk_rope_head_dim=ROPE_DIM, layer_num=1, device="cpu", enable_memory_saver=False)
     config = SimpleNamespace(kv_lora_rank=KV_LORA_RANK, qk_rope_head_dim=ROPE_DIM)
-    runner = SimpleNamespace(device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv, model_config=config,
-                             use_mla_backend=True)
+    runner = SimpleNamespace(device="cpu", req_to_token_pool=r2t, token_to_kv_pool=kv, model=torch.nn.Module(),
+                             model_config=config, use_mla_backend=True)
     return MacaMLAAttnBackend(runner), kv
 
 
