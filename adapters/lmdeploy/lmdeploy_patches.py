@@ -286,6 +286,31 @@ def _collective_backends(upstream_ccl_backend, upstream_support_ray):
     return ccl_backend, support_ray
 
 
+class MacaSeededMultinomialSampling:
+    """LMDeploy's MultinomialSamplingImpl for maca: the request's seed decides the draw.
+
+    Same contract and draw as LMDeploy's cuda ``TritonMultinomialSamplingImpl``
+    (``u = tl.rand(seed, offset)`` against the sorted probabilities), so a
+    seeded request repeats, independently of the batch it runs in.
+    """
+
+    def forward(self, scores, seeds, offsets, indices=None):
+        from maca_infer.common.ops.sampling import seeded_multinomial
+
+        return seeded_multinomial(scores, seeds, offsets, indices)
+
+
+def _seeded_build_op(upstream_build_op):
+    def build_op(cls, spec, *, enable_deterministic: bool = False):
+        from lmdeploy.pytorch.backends.multinomial_sampling import MultinomialSamplingBuildSpec
+
+        if isinstance(spec, MultinomialSamplingBuildSpec):
+            return MacaSeededMultinomialSampling()
+        return upstream_build_op.__func__(cls, spec, enable_deterministic=enable_deterministic)
+
+    return classmethod(build_op)
+
+
 def apply(op_backend_module: types.ModuleType) -> None:
     """Install the fixes on ``MacaOpsBackend`` (idempotent per process)."""
     from maca_infer.adapters.lmdeploy import activate
@@ -301,6 +326,7 @@ def apply(op_backend_module: types.ModuleType) -> None:
     ccl_backend, support_ray = _collective_backends(backend.ccl_backend, backend.support_ray)
     patching.apply(patching.CCL_BACKEND, backend, "ccl_backend", staticmethod(ccl_backend))
     patching.apply(patching.SUPPORT_RAY, backend, "support_ray", staticmethod(support_ray))
+    patching.apply(patching.SEEDED_SAMPLING, backend, "build_op", _seeded_build_op(backend.build_op))
 
 
 # --------------------------------------------------------------------------- mp engine start-up race

@@ -65,6 +65,17 @@ SUPPORT_RAY = _declare(
     how="staticmethod answering False on the emulated device, upstream's answer otherwise",
     remove_when="never for the emulated device; on devices nothing changes",
 )
+SEEDED_SAMPLING = _declare(
+    f"{MACA_OP_BACKEND}.MacaOpsBackend.build_op",
+    why="a request's random_seed (OpenAI seed) reaches the sampler as per-sequence seeds and offsets, "
+        "which only the cuda backend's Triton multinomial kernel reads; the dlinfer backends inherit "
+        "DefaultMultinomialSamplingImpl (torch.multinomial on the global RNG), so on maca two identical "
+        "seeded requests gave different text",
+    how="MacaOpsBackend.build_op answers MultinomialSamplingBuildSpec with "
+        "lmdeploy_patches.MacaSeededMultinomialSampling (maca_infer.common.ops.seeded_multinomial: "
+        "tl.rand(seed, offset) in torch, the same draw as the cuda kernel); every other op as upstream",
+    remove_when="LMDeploy's dlinfer backend builds a seed-aware multinomial sampling op",
+)
 MP_PROC = _declare(
     f"{ZMQ_ENGINE}.ZMQMPEngine._mp_proc",
     why="race at api_server start: the parent shuts its mp.Manager down right after reading the engine's "

@@ -264,6 +264,29 @@ BATCH_INVARIANT_MODE = _declare(
 )
 
 
+SEEDED_HASH = _declare(
+    "sglang.srt.layers.sampler.murmur_hash32",
+    why=(
+        "a seeded request (sampling_seed / OpenAI seed, under --enable-deterministic-inference) "
+        "samples with multinomial_with_seed, whose murmur_hash32 runs a Triton kernel on a device "
+        "and sgl_kernel's CPU op for CPU tensors; on the emulated maca device (CPU tensors, no "
+        "sgl_kernel) every seeded step raised ModuleNotFoundError: No module named 'sgl_kernel'"
+    ),
+    how=(
+        "replace-hook on the name sampler.py calls, only on the emulated device: "
+        "maca_infer.common.ops.sampling.murmur_hash32, the same hash in torch integer ops "
+        "(bit-identical to SGLang's Triton kernel, so a seed draws the same tokens as on a GPU)"
+    ),
+    remove_when="SGLang's murmur_hash32 has a torch fallback for CPU tensors without sgl_kernel",
+)
+
+
+def _murmur_hash32_torch(seed, positions, col_indices):
+    from maca_infer.common.ops.sampling import murmur_hash32
+
+    return murmur_hash32(seed, positions, col_indices)
+
+
 def _batch_invariant_mode_emulated(*args, **kwargs) -> None:
     """enable_batch_invariant_mode on the emulated device: nothing to register for CPU tensors."""
     logger.warning(
@@ -294,3 +317,4 @@ def register_all(*, emulated: bool) -> None:
     for record, fn in QWEN2_MOE_GATES:
         apply_hook(record, fn, hook_type="replace")
     apply_hook(BATCH_INVARIANT_MODE, _batch_invariant_mode_emulated, hook_type="replace")
+    apply_hook(SEEDED_HASH, _murmur_hash32_torch, hook_type="replace")

@@ -54,6 +54,7 @@ def register() -> None:
         register_attention_backend(BACKEND_NAME)(create_maca_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
         add_attention_backend_choices([BACKEND_NAME])
+    _register_deterministic_choice(BACKEND_NAME)
     _register_deepseek_handler()
     register_fused_op_forwards(DISPATCH_KEY)
     from maca_infer.adapters.sglang import patching
@@ -64,6 +65,27 @@ def register() -> None:
     # moe_wna16 needs no registration: the platform hands out its config (get_quantization_config)
     patching.register_all(emulated=getattr(current_platform, "emulated", False))
     log_once(logger, logging.INFO, "SGLang: attention backend 'maca', fused ops and runtime fixes registered")
+
+
+def _register_deterministic_choice(name: str) -> None:
+    """Accept ``--enable-deterministic-inference`` with ``--attention-backend maca``.
+
+    That flag is what makes SGLang honour a request's ``sampling_seed``
+    (OpenAI ``seed``): without it SGLang drops the seed on every device. SGLang
+    refuses the flag for a backend missing from its deterministic list. The
+    maca backend qualifies: each request's attention reads only its own rows,
+    with no atomics, and under the flag its decode split-KV count (otherwise
+    chosen from the batch) is pinned to one. It is not added to the
+    radix-supported list, so SGLang turns the radix cache off under the flag
+    (a cached-prefix extend is not bitwise the same as a full prefill).
+    """
+    from sglang.srt.arg_groups.choices import (
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
+        add_deterministic_attention_backend_choices,
+    )
+
+    if name not in DETERMINISTIC_ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
+        add_deterministic_attention_backend_choices([name])
 
 
 def handle_attention_maca(attn, forward_batch):

@@ -41,6 +41,10 @@ _EXPORTS = {
     "awq_to_w4a16": "quant",
     "gptq_to_w4a16": "quant",
     "int32_to_uint8_packing": "quant",
+    # seeded sampling (bit-exact twins of SGLang's / LMDeploy's seeded draws)
+    "murmur_hash32": "sampling",
+    "philox_uniform": "sampling",
+    "seeded_multinomial": "sampling",
 }
 
 __all__ = sorted(_EXPORTS)
