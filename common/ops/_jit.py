@@ -7,6 +7,10 @@ references) import on hosts without triton.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import types
+
 from maca_infer.common import envs
 
 try:  # the ops must import (and the references run) without triton
@@ -32,31 +36,71 @@ class lazy_jit:  # noqa: N801 - used like the ``triton.jit`` decorator it wraps
     import; a launch that would mix the two modes raises a RuntimeError
     saying so instead of failing deep inside Triton.
 
-    Kernels wrapped this way must not call other plain Python helpers (the
-    compiler only inlines jitted functions).
+    Device helpers (functions a kernel calls) are wrapped the same way,
+    usually as a decorator (``@lazy_jit def online_softmax_step(...)``, see
+    ``_triton_helpers``): a kernel jitted for one mode calls its helpers
+    jitted for that same mode. A kernel must reach a helper by a plain global
+    name (``from ._triton_helpers import online_softmax_step``), not as a
+    module attribute, and must not call plain (unjitted) Python functions.
 
-    Usage: ``_kernel = lazy_jit(_kernel_fn)``; ``_kernel[grid](*args, **constexprs)``.
+    Usage: ``_kernel = lazy_jit(_kernel_fn)``; ``_kernel[grid](*args, **constexprs)``;
+    ``_kernel.jitted(interpret=False)`` is the compiler's JITFunction (what
+    the ahead-of-time compile checks build).
     """
 
     def __init__(self, fn):
         self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
         self._jitted = {}
 
     def __getitem__(self, grid):
         if triton is None:
             raise RuntimeError(f"{self.fn.__name__}: triton is not importable")
         interpret = envs.triton_interpret()
+        if interpret not in self._jitted and _helpers_interpreted() != interpret:
+            raise RuntimeError(
+                f"{self.fn.__name__}: TRITON_INTERPRET is {int(interpret)} now but was "
+                f"{int(not interpret)} when triton was imported, so triton's own helpers (tl.sum, ...) "
+                "are built for the other mode; set TRITON_INTERPRET before anything imports triton"
+            )
+        return self.jitted(interpret)[grid]
+
+    def jitted(self, interpret: bool):
+        """``triton.jit(fn)`` for one mode (interpreter or compiler), made once.
+
+        Every ``lazy_jit`` the function names as a global (its helpers) is
+        replaced, in a copy of the function's globals, by that helper jitted
+        for the same mode; Triton resolves calls through those globals, both
+        when it compiles and when it interprets.
+        """
+        if triton is None:
+            raise RuntimeError(f"{self.fn.__name__}: triton is not importable")
         kernel = self._jitted.get(interpret)
         if kernel is None:
-            if _helpers_interpreted() != interpret:
-                raise RuntimeError(
-                    f"{self.fn.__name__}: TRITON_INTERPRET is {int(interpret)} now but was "
-                    f"{int(not interpret)} when triton was imported, so triton's own helpers (tl.sum, ...) "
-                    "are built for the other mode; set TRITON_INTERPRET before anything imports triton"
-                )
-            kernel = triton.jit(self.fn)
+            fn = self.fn
+            helpers = {name: value.jitted(interpret) for name, value in fn.__globals__.items()
+                       if isinstance(value, lazy_jit) and name in fn.__code__.co_names}
+            if helpers:
+                fn = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__,
+                                        fn.__defaults__, fn.__closure__)
+                fn = functools.update_wrapper(fn, self.fn, updated=())
+                fn.__kwdefaults__ = self.fn.__kwdefaults__
+                del fn.__wrapped__  # Triton reads the source of fn itself, not of a wrapped function
+            with _interpret_mode(interpret):
+                kernel = triton.jit(fn)
             self._jitted[interpret] = kernel
-        return kernel[grid]
+        return kernel
+
+
+@contextlib.contextmanager
+def _interpret_mode(interpret: bool):
+    """TRITON_INTERPRET set to ``interpret`` while ``triton.jit`` decides its mode (reads the variable)."""
+    if envs.triton_interpret() == interpret:
+        yield
+        return
+    with envs.temporarily(TRITON_INTERPRET="1" if interpret else "0"):
+        yield
 
 
 def _helpers_interpreted() -> bool:

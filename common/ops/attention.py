@@ -42,15 +42,15 @@ block-table row are read; the rest may hold anything.
 
 Implementations: Triton kernels (one flash-attention style prefill kernel
 that serves both the contiguous varlen and the paged layout; a decode
-kernel with split-KV and a reduction kernel) and torch references that
-gather each sequence's blocks and run one batched matmul per sequence
-(per batch chunk for decode) so that the emulated maca device can serve
-with them.
+kernel with split-KV whose partials ``_split_kv.merge_kv_splits`` merges,
+as for MLA; both built from the device helpers in ``_triton_helpers``) and
+torch references that gather each sequence's blocks and run one batched
+matmul per sequence (per batch chunk for decode) so that the emulated maca
+device can serve with them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -58,6 +58,14 @@ import torch
 from maca_infer.common import envs
 from maca_infer.common.ops import _checks, _dispatch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl, triton
+from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
+from maca_infer.common.ops._triton_helpers import (
+    attention_scores,
+    online_softmax_finish,
+    online_softmax_step,
+    visible_key_range,
+    visible_keys,
+)
 
 # Head dims: every multiple of 8 up to 256. That covers the tiny test
 # models' 32, LLMs' 64, 80, 96, 128, 192, 256 and diffusion UNets' 40, 72,
@@ -67,10 +75,6 @@ HEAD_DIMS = tuple(range(8, 257, 8))
 # Multi-token decode (speculative / MTP verification) is capped so that the
 # decode kernel's packed (token, head) rows stay a small tile.
 MAX_DECODE_QUERY_LEN = 8
-# Split-KV: the auto rule never makes a split shorter than this many keys
-# (below it the reduction pass costs more than the parallelism buys).
-_MIN_KEYS_PER_SPLIT = 256
-_MAX_KV_SPLITS = 64
 # The references bound their score matrix to this many float32 elements
 # (64 MiB) by processing queries (varlen, prefill) or sequences (decode) in chunks.
 _REFERENCE_MAX_SCORES = 1 << 24
@@ -129,24 +133,18 @@ def _prefill_kernel_fn(
         q = q.to(tl.float32)
     if USE_ALIBI:
         slope = tl.load(alibi_slopes_ptr + head).to(tl.float32)
+    else:
+        slope = 0.0
 
     # Key range this tile can see: [lo, hi).
     first_pos = kv_len - q_len + tile * BLOCK_M
     last_pos = kv_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len) - 1
-    lo = first_pos * 0
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.minimum(hi, last_pos + 1)
-    if USE_WINDOW:
-        lo = tl.maximum(lo, first_pos - sliding_window + 1)
-        if not CAUSAL:
-            hi = tl.minimum(hi, last_pos + sliding_window)
+    lo, hi = visible_key_range(first_pos, last_pos, kv_len, sliding_window, CAUSAL, USE_WINDOW)
     lo = (lo // BLOCK_N) * BLOCK_N
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634  # fold log2(e): the softmax runs on exp2
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
@@ -178,37 +176,16 @@ def _prefill_kernel_fn(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        if USE_SOFTCAP:
-            # c * tanh(s*scale / c); tanh(x) = 1 - 2 / (exp(2x) + 1) is exact at +-inf
-            x = s * (scale / logit_softcap)
-            s = logit_softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
-        else:
-            s = s * qk_scale
         rel = offs_n[None, :] - q_pos[:, None]  # j - p_i
-        if USE_ALIBI:
-            s += (slope * 1.4426950408889634) * rel.to(tl.float32)
-        visible = n_valid[None, :] & m_valid[:, None]
-        if CAUSAL:
-            visible = visible & (rel <= 0)
-        if USE_WINDOW:
-            visible = visible & (rel > -sliding_window)
-            if not CAUSAL:
-                visible = visible & (rel < sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen no visible key yet keeps m = -inf; shift by 0
-        # instead so that exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = attention_scores(s, rel, scale, logit_softcap, slope, USE_SOFTCAP, USE_ALIBI)
+        s = tl.where(visible_keys(rel, m_valid, n_valid, sliding_window, CAUSAL, USE_WINDOW), s, float("-inf"))
+        m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, s)
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
-    out = tl.where(l_i[:, None] > 0.0, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
+    out, _ = online_softmax_finish(acc, m_i, l_i)
     out_ptrs = out_ptr + (q_start + offs_m)[:, None] * stride_out_token + head * stride_out_head + offs_dv[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dv_valid[None, :])
 
@@ -237,8 +214,8 @@ def _decode_kernel_fn(
     # QUERY_LEN x QUERY_GROUP (token, query head) pairs that share this KV
     # head, so each key/value tile is loaded once and used by all of them.
     # With several splits each program covers one slice of the visible keys
-    # and writes a normalized partial output and its log2-sum-exp; the
-    # reduction kernel merges them. With one split it writes the result.
+    # and writes a normalized partial output and its log-sum-exp; the
+    # merge kernel (_split_kv) merges them. With one split it writes the result.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -259,12 +236,12 @@ def _decode_kernel_fn(
     if DOT_FP32:
         q = q.to(tl.float32)
     if USE_ALIBI:
-        slope = tl.load(alibi_slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+        slope = tl.load(alibi_slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)[:, None]
+    else:
+        slope = 0.0
 
     # Visible keys of the whole sequence: [lo, kv_len); this split's share.
-    lo = kv_len * 0
-    if USE_WINDOW:
-        lo = tl.maximum(lo, kv_len - QUERY_LEN - sliding_window + 1)
+    lo, _ = visible_key_range(kv_len - QUERY_LEN, kv_len - 1, kv_len, sliding_window, True, USE_WINDOW)
     per_split = tl.cdiv(tl.cdiv(kv_len - lo, num_kv_splits), BLOCK_N) * BLOCK_N
     split_lo = lo + split * per_split
     split_hi = tl.minimum(split_lo + per_split, kv_len)
@@ -272,7 +249,6 @@ def _decode_kernel_fn(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634
     for start_n in range(split_lo, split_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < split_hi
@@ -292,84 +268,28 @@ def _decode_kernel_fn(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        if USE_SOFTCAP:
-            x = s * (scale / logit_softcap)
-            s = logit_softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
-        else:
-            s = s * qk_scale
         rel = offs_n[None, :] - q_pos[:, None]
-        if USE_ALIBI:
-            s += (slope * 1.4426950408889634)[:, None] * rel.to(tl.float32)
-        visible = n_valid[None, :] & row_valid[:, None] & (rel <= 0)
-        if USE_WINDOW:
-            visible = visible & (rel > -sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = attention_scores(s, rel, scale, logit_softcap, slope, USE_SOFTCAP, USE_ALIBI)
+        s = tl.where(visible_keys(rel, row_valid, n_valid, sliding_window, True, USE_WINDOW), s, float("-inf"))
+        m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, s)
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
 
-    has_keys = l_i > 0.0
-    # Empty splits write 0 (not NaN): the reduction multiplies them by weight 0.
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    # A row (or split) that saw no key gets out = 0 and lse = -inf.
+    out, lse = online_softmax_finish(acc, m_i, l_i)
     out_rows = (seq.to(tl.int64) * stride_out_seq + token * stride_out_token + head * stride_out_head
                 + split * stride_out_split)
     tl.store(out_ptr + out_rows[:, None] + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_valid[:, None] & dv_valid[None, :])
     if WRITE_LSE:
-        # natural-log sum-exp of this split's scores; -inf when it saw no key
-        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
         lse_rows = (seq.to(tl.int64) * stride_lse_seq + token * stride_lse_token + head * stride_lse_head
                     + split * stride_lse_split)
         tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
 
 
 _decode_kernel = lazy_jit(_decode_kernel_fn)
-
-
-def _decode_reduce_kernel_fn(
-    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
-    stride_po_seq, stride_po_token, stride_po_head, stride_po_split,
-    stride_pl_seq, stride_pl_token, stride_pl_head,
-    stride_out_seq, stride_out_token, stride_out_head,
-    stride_lse_seq, stride_lse_token, stride_lse_head,
-    num_kv_splits,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr,
-):
-    # One program per (sequence, query token, query head): merge the splits'
-    # partial outputs, weighting each by exp(lse_split - lse_total).
-    seq = tl.program_id(0).to(tl.int64)
-    token = tl.program_id(1)
-    head = tl.program_id(2)
-    splits = tl.arange(0, BLOCK_S)
-    s_valid = splits < num_kv_splits
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_valid = offs_dv < HEAD_DIM_V
-    lse = tl.load(partial_lse_ptr + seq * stride_pl_seq + token * stride_pl_token + head * stride_pl_head + splits,
-                  mask=s_valid, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.exp(lse - m_shift)
-    total = tl.sum(weight, axis=0)
-    part = tl.load(partial_out_ptr + seq * stride_po_seq + token * stride_po_token + head * stride_po_head
-                   + splits[:, None] * stride_po_split + offs_dv[None, :],
-                   mask=s_valid[:, None] & dv_valid[None, :], other=0.0)
-    out = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + seq * stride_out_seq + token * stride_out_token + head * stride_out_head + offs_dv,
-             out.to(out_ptr.dtype.element_ty), mask=dv_valid)
-    if WRITE_LSE:
-        lse_total = tl.where(total > 0.0, m_shift + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
-        tl.store(lse_ptr + seq * stride_lse_seq + token * stride_lse_token + head * stride_lse_head, lse_total)
-
-
-_decode_reduce_kernel = lazy_jit(_decode_reduce_kernel_fn)
 
 
 # ==========================================================================
@@ -460,30 +380,6 @@ def _prefill_triton(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q,
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _auto_num_kv_splits(batch: int, num_kv_heads: int, kv_capacity: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head) for decode, chosen without a host sync.
-
-    ``kv_capacity`` is the most keys any sequence can have (block-table width
-    x block size, clipped to the sliding window): the rule reads shapes only,
-    so it is fixed under graph capture. Long contexts get more splits, never
-    shorter than ``_MIN_KEYS_PER_SPLIT`` keys; on a device the split count
-    stops growing once (sequences x KV heads x splits) fills about two waves
-    of the multiprocessors, since more splits then only add reduction work.
-    """
-    by_length = max(1, -(-kv_capacity // _MIN_KEYS_PER_SPLIT))
-    if device.type == "cuda":
-        processors = _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
-        by_occupancy = max(1, -(-2 * processors // max(1, batch * num_kv_heads)))
-    else:
-        by_occupancy = 4  # the interpreter: each program is run in turn, splits only add work
-    return max(1, min(by_length, by_occupancy, _MAX_KV_SPLITS))
-
-
 def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
                    alibi_slopes, num_kv_splits, out4, lse3):
     batch, query_len, num_q_heads, head_dim = q4.shape
@@ -495,7 +391,8 @@ def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, s
         capacity = block_table.shape[1] * block_size
         if sliding_window:
             capacity = min(capacity, sliding_window + query_len - 1)
-        num_kv_splits = _auto_num_kv_splits(batch, num_kv_heads, capacity, q4.device)
+        # one program per (sequence, KV head) and split
+        num_kv_splits = auto_num_kv_splits(batch * num_kv_heads, capacity, q4.device)
     group = num_q_heads // num_kv_heads
     block_m = max(16, next_power_of_2(query_len * group))
     if envs.triton_interpret():
@@ -539,18 +436,7 @@ def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, s
         stride_lse_head=partial_lse.stride(2), stride_lse_split=partial_lse.stride(3),
         num_kv_splits=num_kv_splits, WRITE_LSE=True, **common,
     )
-    lse_target = lse3 if lse3 is not None else partial_lse
-    lse_strides = (lse3.stride(0), lse3.stride(1), lse3.stride(2)) if lse3 is not None else (0, 0, 0)
-    _decode_reduce_kernel[(batch, query_len, num_q_heads)](
-        partial_out, partial_lse, out4, lse_target,
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_out.stride(3),
-        partial_lse.stride(0), partial_lse.stride(1), partial_lse.stride(2),
-        out4.stride(0), out4.stride(1), out4.stride(2),
-        lse_strides[0], lse_strides[1], lse_strides[2],
-        num_kv_splits,
-        HEAD_DIM_V=head_dim_v, BLOCK_DV=next_power_of_2(head_dim_v), BLOCK_S=next_power_of_2(num_kv_splits),
-        WRITE_LSE=lse3 is not None, num_warps=4,
-    )
+    merge_kv_splits(partial_out, partial_lse, out4, lse3)
 
 
 # ==========================================================================
@@ -1010,7 +896,7 @@ def paged_decode_attention(
         Split each sequence's keys into this many slices processed by separate
         programs, then merged by a reduction kernel (long contexts, small
         batches). None: chosen from the block table's capacity (shapes only,
-        no host sync; see ``_auto_num_kv_splits``). The result does not depend
+        no host sync; see ``_split_kv.auto_num_kv_splits``). The result does not depend
         on it beyond rounding.
     return_lse : bool
         Also return the log-sum-exp of each query's scores.

@@ -36,13 +36,10 @@ import torch
 from maca_infer.common import envs
 from maca_infer.common.ops import _checks, _dispatch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
+from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
+from maca_infer.common.ops._triton_helpers import LOG2E, online_softmax_finish, online_softmax_step
 from maca_infer.common.ops.kv_cache import check_slot_mapping, check_slots_in_range
 
-# Split-KV (decode): no split shorter than this many latent rows; at most this many splits.
-_MIN_TOKENS_PER_SPLIT = 256
-_MAX_KV_SPLITS = 32
-# Programs the auto split rule aims for, about two waves on a 100-odd-CU GPU.
-_TARGET_PROGRAMS = 256
 # Heads per decode program, and latent rows per decode tile: 16 is the smallest
 # tile tl.dot takes, and keeps the [16, kv_lora_rank] float32 accumulator plus
 # one latent tile in registers for kv_lora_rank = 512 (128 registers a thread
@@ -94,8 +91,8 @@ def _mla_decode_split_kernel_fn(
     # (the sequence's own length cut into num_splits runs of whole BLOCK_N
     # tiles). Each latent tile [BLOCK_N, kv_lora_rank + rope_dim] is loaded
     # once for all the heads (that is the bandwidth win of MLA decode). Writes
-    # the split's softmax-normalized output and its log-sum-exp; the reduce
-    # kernel merges the splits.
+    # the split's softmax-normalized output and its log-sum-exp;
+    # _split_kv.merge_kv_splits merges the splits.
     seq = tl.program_id(0).to(tl.int64)
     head_tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -134,64 +131,22 @@ def _mla_decode_split_kernel_fn(
         if DOT_FP32:
             c = c.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
-        # s[h, n] = scale * (q_nope[h] . c[n] + q_rope[h] . k_pe[n])
+        # s[h, n] = scale * (q_nope[h] . c[n] + q_rope[h] . k_pe[n]), in log2 units
         s = tl.dot(q_nope, tl.trans(c)) + tl.dot(q_rope, tl.trans(k_pe))
-        s = tl.where(n_mask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = tl.where(n_mask[None, :], s * (scale * LOG2E), float("-inf"))
+        m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, s)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
-        m_i = m_new
 
-    # An empty split (a short sequence) writes only lse = -inf: the reduce
-    # kernel then neither weighs nor reads its output rows.
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    # An empty split (a short sequence) writes only lse = -inf: the merge
+    # then neither weighs nor reads its output rows.
+    out, lse = online_softmax_finish(acc, m_i, l_i)
+    has_keys = l_i > 0.0
     tl.store(partial_out_ptr + seq * stride_po_batch + heads[:, None] * stride_po_head + split * stride_po_split
              + c_cols[None, :], out, mask=(h_mask & has_keys)[:, None] & c_mask[None, :])
     tl.store(partial_lse_ptr + seq * stride_pl_batch + heads * stride_pl_head + split, lse, mask=h_mask)
 
 
 _mla_decode_split_kernel = lazy_jit(_mla_decode_split_kernel_fn)
-
-
-def _mla_decode_reduce_kernel_fn(
-    partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
-    kv_lora_rank, num_splits,
-    stride_po_batch, stride_po_head, stride_po_split, stride_pl_batch, stride_pl_head,
-    stride_out_batch, stride_out_head, stride_lse_batch,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_LSE: tl.constexpr,
-):
-    # grid = (batch, num_heads): merge the splits of one (sequence, head).
-    #   M = max_s lse_s;  w_s = exp(lse_s - M)
-    #   out = sum_s w_s * out_s / sum_s w_s;  lse = M + log(sum_s w_s)
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    splits = tl.arange(0, BLOCK_S)
-    s_mask = splits < num_splits
-    lse_s = tl.load(partial_lse_ptr + seq * stride_pl_batch + head * stride_pl_head + splits, mask=s_mask,
-                    other=float("-inf"))
-    lse_max = tl.max(lse_s, axis=0)
-    any_keys = lse_max > float("-inf")
-    split_has_keys = s_mask & (lse_s > float("-inf"))  # empty splits left their rows unwritten
-    weights = tl.where(split_has_keys, tl.exp(lse_s - tl.where(any_keys, lse_max, 0.0)), 0.0)
-    total = tl.sum(weights, axis=0)
-    c_cols = tl.arange(0, BLOCK_C)
-    c_mask = c_cols < kv_lora_rank
-    parts = tl.load(partial_out_ptr + seq * stride_po_batch + head * stride_po_head
-                    + splits[:, None] * stride_po_split + c_cols[None, :],
-                    mask=split_has_keys[:, None] & c_mask[None, :], other=0.0)
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(any_keys, total, 1.0)
-    tl.store(out_ptr + seq * stride_out_batch + head * stride_out_head + c_cols,
-             out.to(out_ptr.dtype.element_ty), mask=c_mask)
-    if WRITE_LSE:
-        lse = tl.where(any_keys, lse_max + tl.log(tl.where(any_keys, total, 1.0)), float("-inf"))
-        tl.store(lse_ptr + seq * stride_lse_batch + head, lse)
-
-
-_mla_decode_reduce_kernel = lazy_jit(_mla_decode_reduce_kernel_fn)
 
 
 # ==========================================================================
@@ -208,20 +163,6 @@ def _fill_mla_cache_triton(kv_c, k_pe, latent_cache, slot_mapping):
         kv_c.stride(0), k_pe.stride(0), latent_cache.stride(0), latent_cache.stride(1),
         BLOCK_C=next_power_of_2(kv_lora_rank), BLOCK_PE=next_power_of_2(max(rope_dim, 1)),
     )
-
-
-def auto_num_kv_splits(batch: int, num_heads: int, kv_capacity: int) -> int:
-    """Split-KV count for decode, decided on the host without reading kv_seqlens.
-
-    ``kv_capacity`` (block-table width * block_size) bounds the longest
-    context. Split only as far as needed to give the GPU about
-    ``_TARGET_PROGRAMS`` programs, and never below ``_MIN_TOKENS_PER_SPLIT``
-    rows per split.
-    """
-    head_tiles = -(-num_heads // _BLOCK_H)
-    by_length = -(-kv_capacity // _MIN_TOKENS_PER_SPLIT)
-    by_occupancy = -(-_TARGET_PROGRAMS // max(1, batch * head_tiles))
-    return max(1, min(by_length, by_occupancy, _MAX_KV_SPLITS))
 
 
 def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse):
@@ -245,15 +186,9 @@ def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, nu
         BLOCK_H=_BLOCK_H, BLOCK_N=_BLOCK_N, BLOCK_C=block_c, BLOCK_PE=max(16, next_power_of_2(rope_dim)),
         DOT_FP32=q_nope.dtype == torch.float32 or envs.triton_interpret(),
     )
-    lse_arg = lse if lse is not None else partial_lse
-    _mla_decode_reduce_kernel[(batch, num_heads)](
-        partial_out, partial_lse, out, lse_arg,
-        kv_lora_rank, num_splits,
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1),
-        out.stride(0), out.stride(1), lse_arg.stride(0),
-        BLOCK_S=next_power_of_2(num_splits), BLOCK_C=block_c, WRITE_LSE=lse is not None,
-    )
+    # one query token per sequence: the merge's token dimension is 1
+    merge_kv_splits(partial_out.unsqueeze(1), partial_lse.unsqueeze(1), out.unsqueeze(1),
+                    lse.unsqueeze(1) if lse is not None else None)
 
 
 def _gather_latents(cache, block_table, kv_seqlens):
@@ -489,7 +424,7 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
         Split each sequence's latent rows into this many runs of whole
         16-row tiles (fewer when the sequence is short), processed in
         parallel and merged by a second pass (default: chosen from batch,
-        heads and block-table width; see ``auto_num_kv_splits``).
+        heads and block-table width; see ``_split_kv.auto_num_kv_splits``).
     return_lse : bool
         Also return the log-sum-exp of the scores.
     out : torch.Tensor, optional
@@ -531,7 +466,9 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
     _check_block_table(op, block_table, kv_seqlens, batch)
     _check_scale(op, scale)
     if num_kv_splits is None:
-        num_kv_splits = auto_num_kv_splits(batch, num_heads, block_table.shape[1] * cache.shape[1])
+        # one program per (sequence, tile of _BLOCK_H heads) and split
+        num_kv_splits = auto_num_kv_splits(batch * -(-num_heads // _BLOCK_H), block_table.shape[1] * cache.shape[1],
+                                           q_nope.device)
     elif not isinstance(num_kv_splits, int) or isinstance(num_kv_splits, bool) or num_kv_splits < 1:
         raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None or an int >= 1")
     if out is None:

@@ -32,6 +32,7 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl, triton
+from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 from maca_infer.common.ops.quant import _as_uint8_packing, _dequant_fp32, _resolve_group_size
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -528,22 +529,17 @@ def _moe_gate_up_kernel_fn(
                     mask=valid[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if INT4:
-            shift = (offs_k[:, None] % 2) * 4
-            q_gate = (tl.load(gate_rows + offs_k[:, None] // 2, mask=w_mask, other=0).to(tl.int32) >> shift) & 0xF
-            q_up = (tl.load(up_rows + offs_k[:, None] // 2, mask=w_mask, other=0).to(tl.int32) >> shift) & 0xF
+            q_gate = load_int4_tile(gate_rows, offs_k, w_mask)
+            q_up = load_int4_tile(up_rows, offs_k, w_mask)
             group = k0 // group_size
             s_base = scales_ptr + expert * stride_se + group
-            s_gate = tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-            s_up = tl.load(s_base + (offs_n + inter_size) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z_base = zeros_ptr + expert * stride_ze + group
-                z_gate = tl.load(z_base + offs_n * stride_zn, mask=mask_n, other=8).to(tl.float32)
-                z_up = tl.load(z_base + (offs_n + inter_size) * stride_zn, mask=mask_n, other=8).to(tl.float32)
-            else:
-                z_gate = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-                z_up = z_gate
-            w_gate = (q_gate.to(tl.float32) - z_gate[None, :]) * s_gate[None, :]
-            w_up = (q_up.to(tl.float32) - z_up[None, :]) * s_up[None, :]
+            z_base = zeros_ptr + expert * stride_ze + group
+            s_gate, z_gate = load_group_scale_zero(s_base + offs_n * stride_sn, z_base + offs_n * stride_zn, mask_n,
+                                                   HAS_ZEROS)
+            s_up, z_up = load_group_scale_zero(s_base + (offs_n + inter_size) * stride_sn,
+                                               z_base + (offs_n + inter_size) * stride_zn, mask_n, HAS_ZEROS)
+            w_gate = dequant_int4(q_gate, s_gate, z_gate)
+            w_up = dequant_int4(q_up, s_up, z_up)
         else:
             w_gate = tl.load(gate_rows + offs_k[:, None], mask=w_mask, other=0.0)
             w_up = tl.load(up_rows + offs_k[:, None], mask=w_mask, other=0.0)
@@ -599,17 +595,12 @@ def _moe_down_kernel_fn(
                     mask=valid[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if INT4:
-            shift = (offs_k[:, None] % 2) * 4
-            q = (tl.load(w_rows + offs_k[:, None] // 2, mask=w_mask, other=0).to(tl.int32) >> shift) & 0xF
+            q = load_int4_tile(w_rows, offs_k, w_mask)
             group = k0 // group_size
-            scale = tl.load(scales_ptr + expert * stride_se + offs_n * stride_sn + group,
-                            mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(zeros_ptr + expert * stride_ze + offs_n * stride_zn + group,
-                               mask=mask_n, other=8).to(tl.float32)
-            else:
-                zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-            w = (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+            scale, zero = load_group_scale_zero(scales_ptr + expert * stride_se + offs_n * stride_sn + group,
+                                                zeros_ptr + expert * stride_ze + offs_n * stride_zn + group,
+                                                mask_n, HAS_ZEROS)
+            w = dequant_int4(q, scale, zero)
         else:
             w = tl.load(w_rows + offs_k[:, None], mask=w_mask, other=0.0)
         if DOT_FP32:

@@ -33,6 +33,7 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch
 from maca_infer.common.ops._jit import lazy_jit, tl, triton
+from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 
 # group sizes: a power of two >= 16 that divides K (checkpoints use 32, 64, 128),
 # or -1 / K itself for one group per row. A Triton K tile must sit inside one group.
@@ -369,17 +370,12 @@ def _w4a16_gemm_kernel_fn(
         mask_k = offs_k < K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        packed = tl.load(qweight_ptr + offs_n[None, :] * stride_qn + (offs_k[:, None] // 2),
-                         mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.int32)
-        q = ((packed >> ((offs_k[:, None] % 2) * 4)) & 0xF).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        q = load_int4_tile(qweight_ptr + offs_n[None, :] * stride_qn, offs_k,
+                           mask_k[:, None] & mask_n[None, :])  # [BLOCK_K, BLOCK_N]
         group = k0 // group_size
-        mask_g = mask_n & (k0 < K)
-        scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_g, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + offs_n * stride_zn + group, mask=mask_g, other=8).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-        w = (q - zero[None, :]) * scale[None, :]
+        scale, zero = load_group_scale_zero(scales_ptr + offs_n * stride_sn + group,
+                                            zeros_ptr + offs_n * stride_zn + group, mask_n & (k0 < K), HAS_ZEROS)
+        w = dequant_int4(q, scale, zero)
         if DOT_FP32:
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:

@@ -111,7 +111,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 # _dispatch runs a forced Triton path on CPU tensors only under TRITON_INTERPRET=1;
-# kernels are decorated below with the variable briefly back at 0
+# lazy_jit.jitted(interpret=False) decorates kernels with the variable briefly back at 0
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MACA_INFER_OPS_IMPL"] = "triton"
 
@@ -137,9 +137,7 @@ builds = []
 
 def compile_instead_of_launch(self, grid):
     def launch(*args, **kwargs):
-        os.environ["TRITON_INTERPRET"] = "0"
-        kernel = triton.jit(self.fn)
-        os.environ["TRITON_INTERPRET"] = "1"
+        kernel = self.jitted(interpret=False)  # the compiler's build, shared helpers included
         compiled = kernel.warmup(*args, grid=grid, **kwargs)
         builds.append({"kernel": self.fn.__name__,
                        "constexprs": {k: v for k, v in kwargs.items() if k.isupper()},

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from maca_infer.common.ops import _dispatch
+from maca_infer.common.ops import _split_kv
 from maca_infer.common.ops import attention as attn
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -391,7 +392,7 @@ def test_paged_decode_auto_splits_long_block_table(ops_impl, close):
     q, keys, values, key_cache, value_cache, block_table, kv_seqlens = _decode_inputs(
         dtype, None, 4, 1, 32, 32, block_size, [90, 3], spare_columns=40)
     capacity = block_table.shape[1] * block_size
-    assert attn._auto_num_kv_splits(2, 1, capacity, q.device) > 1
+    assert _split_kv.auto_num_kv_splits(2 * 1, capacity, q.device) > 1  # 2 sequences x 1 KV head
     got, lse = attn.paged_decode_attention(q, key_cache, value_cache, block_table, kv_seqlens, return_lse=True)
     _check_decode(close, q, keys, values, got, lse, dtype, {})
 
@@ -475,13 +476,12 @@ def test_prefill_and_varlen_reject_bad_input():
 # --------------------------------------------------------------------------
 # The compiler path (the interpreter accepts code the compiler rejects)
 # --------------------------------------------------------------------------
-def _compile_for_sm90(kernel_fn, pointer_types, constexprs, float_args, launch=None):
+def _compile_for_sm90(lazy_kernel, pointer_types, constexprs, float_args, launch=None):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
-    from triton.runtime.jit import JITFunction
 
     signature = {}
-    kernel = JITFunction(kernel_fn)
+    kernel = lazy_kernel.jitted(interpret=False)  # with its shared helpers jitted for the compiler too
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
@@ -491,7 +491,7 @@ def _compile_for_sm90(kernel_fn, pointer_types, constexprs, float_args, launch=N
             signature[name] = "fp32" if name in float_args else "i32"
     compiled = triton_compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                               options=launch or attn._LAUNCH)
-    assert compiled.asm.get("cubin"), f"{kernel_fn.__name__}: no cubin produced"
+    assert compiled.asm.get("cubin"), f"{lazy_kernel.__name__}: no cubin produced"
     return compiled.metadata.shared
 
 
@@ -504,21 +504,21 @@ def compile_kernels_for_sm90() -> dict[str, int]:
     floats = {"scale", "logit_softcap"}
     return {
         "prefill": _compile_for_sm90(
-            attn._prefill_kernel_fn,
+            attn._prefill_kernel,
             dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", out_ptr="*fp16", cu_seqlens_q_ptr="*i32",
                  kv_index_ptr="*i32", block_table_ptr="*i32", alibi_slopes_ptr="*fp32"),
             dict(QUERY_GROUP=4, HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64,
                  PAGED=True, CAUSAL=True, USE_WINDOW=True, USE_SOFTCAP=True, USE_ALIBI=True, DOT_FP32=False),
             floats, attn._PREFILL_LAUNCH),
         "decode": _compile_for_sm90(
-            attn._decode_kernel_fn,
+            attn._decode_kernel,
             dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", block_table_ptr="*i32",
                  kv_seqlens_ptr="*i32", alibi_slopes_ptr="*fp32", out_ptr="*fp32", lse_ptr="*fp32"),
             dict(QUERY_LEN=2, QUERY_GROUP=4, HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_M=16,
                  BLOCK_N=64, USE_WINDOW=True, USE_SOFTCAP=True, USE_ALIBI=True, WRITE_LSE=True, DOT_FP32=False),
             floats),
-        "reduce": _compile_for_sm90(
-            attn._decode_reduce_kernel_fn,
+        "merge": _compile_for_sm90(
+            _split_kv._merge_kernel,
             dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr="*bf16", lse_ptr="*fp32"),
             dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=8, WRITE_LSE=True), set()),
     }
@@ -540,7 +540,7 @@ def test_kernels_compile_for_a_gpu_target():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(shared) == {"prefill", "decode", "reduce"}
+    assert set(shared) == {"prefill", "decode", "merge"}
     for name, size in shared.items():
         # must fit a 64 KiB shared memory (MACA-class parts), not only an H100's
         assert size <= 64 * 1024, f"{name}: {size} bytes of shared memory"

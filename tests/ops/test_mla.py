@@ -275,7 +275,7 @@ def test_kernels_compile_for_gpu_without_spills(gpu_builds):
                        torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 0.1,
                        num_kv_splits=2, return_lse=True)
     """)
-    kernels = ["_fill_mla_cache_kernel_fn", "_mla_decode_split_kernel_fn", "_mla_decode_reduce_kernel_fn"]
+    kernels = ["_fill_mla_cache_kernel_fn", "_mla_decode_split_kernel_fn", "_merge_kernel_fn"]  # merge: _split_kv
     assert [b["kernel"] for b in builds] == kernels * 2
     for build in builds:
         assert build["usage"]["LOCAL"] == 0, build

@@ -391,11 +391,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from maca_infer.common.ops import moe
 
-def compile_sm90(fn, signature, constexprs):
-    names = list(inspect.signature(fn).parameters)
+def compile_sm90(kernel, signature, constexprs):
+    kernel = kernel.jitted(interpret=False)  # a lazy_jit kernel, with its shared helpers
+    names = list(inspect.signature(kernel.fn).parameters)
     full = {name: signature.get(name, "i32") for name in names}
     full.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=triton.jit(fn), signature=full,
+    source = ASTSource(fn=kernel, signature=full,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
@@ -408,21 +409,21 @@ for int4 in (False, True):
     weight = "*u8" if int4 else "*bf16"
     blocks = dict(INT4=int4, HAS_ZEROS=int4, DOT_FP32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
     result[f"gate_up_int4={int4}"] = bf16_mma(compile_sm90(
-        moe._moe_gate_up_kernel_fn, dict(x_ptr="*bf16", w_ptr=weight, scales_ptr="*bf16", zeros_ptr="*u8",
+        moe._moe_gate_up_kernel, dict(x_ptr="*bf16", w_ptr=weight, scales_ptr="*bf16", zeros_ptr="*u8",
                                          inter_ptr="*bf16", **indices), dict(ACTIVATION=0, **blocks)))
     result[f"down_int4={int4}"] = bf16_mma(compile_sm90(
-        moe._moe_down_kernel_fn, dict(inter_ptr="*bf16", w_ptr=weight, scales_ptr="*bf16", zeros_ptr="*u8",
+        moe._moe_down_kernel, dict(inter_ptr="*bf16", w_ptr=weight, scales_ptr="*bf16", zeros_ptr="*u8",
                                       topk_weights_ptr="*fp32", out_ptr="*fp32", **indices), blocks))
-compile_sm90(moe._moe_topk_softmax_kernel_fn, dict(logits_ptr="*bf16", weights_ptr="*fp32", ids_ptr="*i32"),
+compile_sm90(moe._moe_topk_softmax_kernel, dict(logits_ptr="*bf16", weights_ptr="*fp32", ids_ptr="*i32"),
              dict(TOP_K=8, RENORMALIZE=True, BLOCK_T=16, BLOCK_E=64, BLOCK_K=8))
-compile_sm90(moe._moe_grouped_topk_kernel_fn,
+compile_sm90(moe._moe_grouped_topk_kernel,
              dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32"),
              dict(TOP_K=4, NUM_GROUPS=4, TOPK_GROUP=2, SIGMOID=True, HAS_BIAS=True, RENORMALIZE=True,
                   BLOCK_T=16, BLOCK_E=32, BLOCK_G=4, BLOCK_K=4))
-compile_sm90(moe._moe_align_count_kernel_fn,
+compile_sm90(moe._moe_align_count_kernel,
              dict(topk_ids_ptr="*i32", expert_starts_ptr="*i32", expert_ids_ptr="*i32", num_post_pad_ptr="*i32"),
              dict(NUM_BINS=64, CHUNK=1024, BLOCK_CHUNK=64))
-compile_sm90(moe._moe_align_scatter_kernel_fn,
+compile_sm90(moe._moe_align_scatter_kernel,
              dict(topk_ids_ptr="*i64", expert_starts_ptr="*i32", sorted_ids_ptr="*i32"), dict(CHUNK=1024))
 result["routing_and_align"] = True
 print(json.dumps(result))

@@ -303,8 +303,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from maca_infer.common.ops import quant
 
-fn = quant._w4a16_gemm_kernel_fn
-names = list(inspect.signature(fn).parameters)
+kernel = quant._w4a16_gemm_kernel.jitted(interpret=False)  # with its shared int4 helpers
+names = list(inspect.signature(kernel.fn).parameters)
 result = {}
 for split_k in (1, 4):
     constexprs = dict(HAS_ZEROS=True, HAS_BIAS=True, SPLIT_K=split_k, DOT_FP32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
@@ -312,7 +312,7 @@ for split_k in (1, 4):
     signature.update(x_ptr="*fp16", qweight_ptr="*u8", scales_ptr="*fp16", zeros_ptr="*u8", bias_ptr="*fp16",
                      out_ptr="*fp16" if split_k == 1 else "*fp32")
     signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=triton.jit(fn), signature=signature,
+    source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     result[f"split_k={split_k}"] = "mma.sync.aligned" in ptx and ".f32.f16.f16.f32" in ptx
