@@ -16,6 +16,8 @@ from maca_infer.common import envs
 from maca_infer.common.log import get_logger
 from maca_infer.modelzoo.architectures import ARCHITECTURES, config_for, padded_vocab
 from maca_infer.modelzoo.quantize import QuantScheme, quantize_linear
+from maca_infer.modelzoo import real
+from maca_infer.modelzoo.real import REAL_KINDS
 from maca_infer.modelzoo.tokenizer import FAMILIES, write_tokenizer
 
 logger = get_logger(__name__)
@@ -107,7 +109,11 @@ def build(kind: str, out_dir: str | Path, *, seed: int = 0, dtype: str | None = 
     (kind, seed, dtype, token ids). dtype: "bfloat16", "float16" or "float32"
     for the float tensors; None picks bfloat16, or float16 for quantized kinds
     and their -dequant references. Same (kind, seed, dtype): identical bytes.
+    A real model kind (``REAL_KINDS``: ``smollm2``) is converted from its GGUF
+    wheel instead (``modelzoo/real.py``; seed does not apply).
     """
+    if kind in REAL_KINDS:  # a trained model converted from its GGUF wheel (seed does not apply)
+        return real.build(kind, out_dir, dtype=dtype)
     import torch
     from safetensors.torch import save_file
 
@@ -202,6 +208,8 @@ def factory_hash() -> str:
 
 def cache_path(kind: str, *, seed: int = 0, dtype: str | None = None) -> Path:
     """Where ``get`` keeps (kind, seed, dtype); does not build."""
+    if kind in REAL_KINDS:
+        return real.cache_path(kind, dtype=dtype)
     spec = _spec(kind)
     seed = _check_seed(seed)
     dtype = _check_dtype(dtype, spec)
@@ -218,6 +226,8 @@ def get(kind: str, *, seed: int = 0, dtype: str | None = None) -> Path:
     place; a rename onto an existing (complete) folder fails, so when two
     processes race, the loser drops its copy and both return the winner's.
     """
+    if kind in REAL_KINDS:
+        return real.get(kind, dtype=dtype)
     final = cache_path(kind, seed=seed, dtype=dtype)
     if final.is_dir():
         return final
