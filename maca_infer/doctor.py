@@ -111,7 +111,7 @@ def _versions_section(problems: list[dict]) -> list[dict[str, Any]]:
 
 def _toolkit_section(kind: str | None, problems: list[dict]) -> dict[str, Any]:
     from maca_infer.common.device.detect import find_mx_smi, maca_path
-    from maca_infer.common.device.env import toolkit_paths
+    from maca_infer.common.device.env import maca_visible_devices, toolkit_paths
 
     root = maca_path()
     section: dict[str, Any] = {
@@ -121,7 +121,12 @@ def _toolkit_section(kind: str | None, problems: list[dict]) -> dict[str, Any]:
         "mx_smi": find_mx_smi(root),
         "devices": [],
         "visible_devices_order": None,
+        # the device list the user set (MACA_VISIBLE_DEVICES wins over the guide's singular spelling)
+        "visible_devices": None,
     }
+    user_list = maca_visible_devices()
+    if user_list is not None:
+        section["visible_devices"] = {"variable": user_list[0], "value": user_list[1]}
     if section["mx_smi"]:
         from maca_infer.common.device import mxsmi
 
@@ -169,7 +174,7 @@ def _env_section(kind: str | None, graph_mode: bool, problems: list[dict]) -> di
         try:
             plan = plan_env(framework, graph_mode, vendor_knobs=True)
         except ValueError as exc:  # MACA_/CUDA_VISIBLE_DEVICES disagree
-            problems.append({"what": str(exc), "fix": "unset one of MACA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES",
+            problems.append({"what": str(exc), "fix": "unset one of MACA_VISIBLE_DEVICES (or MACA_VISIBLE_DEVICE) / CUDA_VISIBLE_DEVICES",
                              "required": True})
             return section
         knob_names = {k.name for k in recommended_knobs(framework, graph_mode)}
@@ -275,6 +280,8 @@ def render(report: dict[str, Any]) -> str:
     for d in tk["devices"]:
         memory = f"{d['memory_used_mib']}/{d['memory_total_mib']} MiB"
         rows.append([f"GPU {d['index']}", f"{d['name']} {d['bus_id']} {memory} {d['state'] or ''}".rstrip()])
+    if tk.get("visible_devices"):
+        rows.append(["visible devices", f"{tk['visible_devices']['value']} (from {tk['visible_devices']['variable']})"])
     if tk.get("visible_devices_order"):
         rows.append(["MACA_VISIBLE_DEVICES (topo order)", tk["visible_devices_order"]])
     parts.append(_table(["item", "value"], rows))

@@ -9,7 +9,10 @@ Rules:
 - ``MACA_VISIBLE_DEVICES`` and ``CUDA_VISIBLE_DEVICES`` are kept in step: the
   MACA runtime reads the first, torch and the frameworks read the second.
   Whichever the user set is copied to the other; both set to different
-  values is an error.
+  values is an error. MetaX's guide spells the first ``MACA_VISIBLE_DEVICE``
+  (singular, ``export MACA_VISIBLE_DEVICE=7,5,1,3,4,0,6,2`` after
+  ``mx-smi topo -m``): it is read the same way; when both spellings are set
+  the plural wins, with a warning.
 
 ``LD_LIBRARY_PATH`` changes reach child processes (framework workers), not
 the dynamic loader of the running process: set it before starting Python to
@@ -18,12 +21,13 @@ load MACA libraries in the current process.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from maca_infer.common.device.detect import DEFAULT_MACA_PATH, maca_path
-from maca_infer.common.log import get_logger
+from maca_infer.common.log import get_logger, log_once
 
 logger = get_logger(__name__)
 
@@ -127,26 +131,55 @@ def _normalize_devices(value: str) -> str:
     return ",".join(p.strip() for p in value.split(",") if p.strip())
 
 
-def visible_devices_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """The variable to add so MACA_ and CUDA_VISIBLE_DEVICES agree.
+MACA_VISIBLE = "MACA_VISIBLE_DEVICES"
+MACA_VISIBLE_SINGULAR = "MACA_VISIBLE_DEVICE"  # as MetaX's deployment guide spells it
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 
-    Returns ``{}`` when neither or both (equal) are set; raises
-    ``ValueError`` when both are set to different device lists.
+
+def maca_visible_devices(environ: MutableMapping[str, str] | None = None) -> tuple[str, str] | None:
+    """``(variable, value)`` of the MACA device list the user set, or None.
+
+    ``MACA_VISIBLE_DEVICES`` wins over the guide's singular
+    ``MACA_VISIBLE_DEVICE`` when both are set (one warning when they differ).
     """
     environ = os.environ if environ is None else environ
-    maca = environ.get("MACA_VISIBLE_DEVICES")
-    cuda = environ.get("CUDA_VISIBLE_DEVICES")
+    plural = environ.get(MACA_VISIBLE)
+    singular = environ.get(MACA_VISIBLE_SINGULAR)
+    if plural is not None:
+        if singular is not None and _normalize_devices(singular) != _normalize_devices(plural):
+            log_once(logger, logging.WARNING, "%s=%s and %s=%s are both set and differ; %s wins",
+                     MACA_VISIBLE_SINGULAR, singular, MACA_VISIBLE, plural, MACA_VISIBLE)
+        return MACA_VISIBLE, plural
+    if singular is not None:
+        return MACA_VISIBLE_SINGULAR, singular
+    return None
+
+
+def visible_devices_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The variables to add so MACA_ and CUDA_VISIBLE_DEVICES agree.
+
+    Returns ``{}`` when neither or both (equal) are set; raises
+    ``ValueError`` when both are set to different device lists. The guide's
+    singular ``MACA_VISIBLE_DEVICE`` alone is copied to both.
+    """
+    environ = os.environ if environ is None else environ
+    maca = maca_visible_devices(environ)
+    cuda = environ.get(CUDA_VISIBLE)
+    added: dict[str, str] = {}
+    if maca is not None and maca[0] == MACA_VISIBLE_SINGULAR:
+        added[MACA_VISIBLE] = maca[1]  # the MACA runtime reads the plural
     if maca is not None and cuda is not None:
-        if _normalize_devices(maca) != _normalize_devices(cuda):
+        if _normalize_devices(maca[1]) != _normalize_devices(cuda):
             raise ValueError(
-                f"MACA_VISIBLE_DEVICES={maca!r} and CUDA_VISIBLE_DEVICES={cuda!r} disagree; "
+                f"{maca[0]}={maca[1]!r} and {CUDA_VISIBLE}={cuda!r} disagree; "
                 "set only one of them (maca-infer copies it to the other) or set both to the same list"
             )
-        return {}
+        return added
     if maca is not None:
-        return {"CUDA_VISIBLE_DEVICES": maca}
+        added[CUDA_VISIBLE] = maca[1]
+        return added
     if cuda is not None:
-        return {"MACA_VISIBLE_DEVICES": cuda}
+        return {MACA_VISIBLE: cuda}
     return {}
 
 
@@ -173,7 +206,8 @@ def plan_env(
     environ = os.environ if environ is None else environ
     plan: list[EnvChange] = []
     for name, value in visible_devices_env(environ).items():
-        other = "CUDA_VISIBLE_DEVICES" if name == "MACA_VISIBLE_DEVICES" else "MACA_VISIBLE_DEVICES"
+        source = maca_visible_devices(environ)  # None: the user set only CUDA_VISIBLE_DEVICES
+        other = source[0] if source is not None else CUDA_VISIBLE
         plan.append(EnvChange(name, value, f"mirrors {other} (MACA runtime and torch read different names)", True))
     root = root or environ.get("MACA_PATH", "").strip() or DEFAULT_MACA_PATH
     if os.path.isdir(root):

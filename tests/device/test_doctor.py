@@ -126,6 +126,21 @@ def test_conflicting_visible_devices_is_a_required_problem(monkeypatch, tmp_path
     assert any("disagree" in p["what"] and p["required"] for p in report["problems"])
 
 
+def test_doctor_shows_the_guides_singular_visible_device(monkeypatch, tmp_path):
+    monkeypatch.setattr(detect, "_stock_cuda_query", lambda: (False, 0))
+    monkeypatch.setenv("MACA_PATH", str(tmp_path / "absent"))
+    for name in ("CUDA_VISIBLE_DEVICES", "MACA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MACA_VISIBLE_DEVICE", "7,5,1,3,4,0,6,2")
+    report = doctor.collect()
+    assert report["toolkit"]["visible_devices"] == {"variable": "MACA_VISIBLE_DEVICE", "value": "7,5,1,3,4,0,6,2"}
+    rows = {r["name"]: r for r in report["env"]["frameworks"]["sglang"]}
+    assert rows["CUDA_VISIBLE_DEVICES"]["value"] == "7,5,1,3,4,0,6,2"
+    assert "mirrors MACA_VISIBLE_DEVICE " in rows["CUDA_VISIBLE_DEVICES"]["why"]
+    assert rows["MACA_VISIBLE_DEVICES"]["value"] == "7,5,1,3,4,0,6,2"
+    assert "7,5,1,3,4,0,6,2 (from MACA_VISIBLE_DEVICE)" in doctor.render(report)
+
+
 def test_doctor_tells_knobs_it_set_from_the_users(fake_maca_host, monkeypatch):
     import os
 

@@ -139,6 +139,48 @@ def test_visible_devices_mapped_both_ways(given, added):
     assert environ == {**given, **added}
 
 
+@pytest.mark.parametrize(
+    "given, added",
+    [
+        # MetaX's guide: export MACA_VISIBLE_DEVICE=7,5,1,3,4,0,6,2 (singular)
+        ({"MACA_VISIBLE_DEVICE": "7,5,1,3,4,0,6,2"},
+         {"MACA_VISIBLE_DEVICES": "7,5,1,3,4,0,6,2", "CUDA_VISIBLE_DEVICES": "7,5,1,3,4,0,6,2"}),
+        ({"MACA_VISIBLE_DEVICE": "1,0", "CUDA_VISIBLE_DEVICES": "1, 0"}, {"MACA_VISIBLE_DEVICES": "1,0"}),
+        # both spellings: the plural wins
+        ({"MACA_VISIBLE_DEVICE": "3,2", "MACA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "0,1"}),
+        ({"MACA_VISIBLE_DEVICE": "0,1", "MACA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "0,1"}),
+    ],
+)
+def test_singular_maca_visible_device_as_the_guide_spells_it(given, added):
+    environ = dict(given)
+    applied = device_env.apply_env(None, environ=environ, root="/nonexistent-maca")
+    assert applied == added
+    assert environ == {**given, **added}
+
+
+def test_both_spellings_differing_warn_once_and_the_plural_wins(caplog):
+    import logging
+
+    environ = {"MACA_VISIBLE_DEVICE": "5,4", "MACA_VISIBLE_DEVICES": "2,3"}
+    with caplog.at_level(logging.WARNING, logger="maca_infer"):
+        assert device_env.maca_visible_devices(environ) == ("MACA_VISIBLE_DEVICES", "2,3")
+        plan = device_env.plan_env(None, environ=environ, root="/nonexistent-maca")
+    assert [(c.name, c.value) for c in plan] == [("CUDA_VISIBLE_DEVICES", "2,3")]
+    assert "mirrors MACA_VISIBLE_DEVICES" in plan[0].why
+    warnings = [r.getMessage() for r in caplog.records if "MACA_VISIBLE_DEVICE=5,4" in r.getMessage()]
+    assert len(warnings) == 1 and "MACA_VISIBLE_DEVICES wins" in warnings[0]
+    # no warning when they agree
+    caplog.clear()
+    device_env.maca_visible_devices({"MACA_VISIBLE_DEVICE": "1", "MACA_VISIBLE_DEVICES": "1"})
+    assert not caplog.records
+
+
+def test_singular_conflicting_with_cuda_is_a_clear_error():
+    environ = {"CUDA_VISIBLE_DEVICES": "0,1", "MACA_VISIBLE_DEVICE": "2,3"}
+    with pytest.raises(ValueError, match=r"MACA_VISIBLE_DEVICE='2,3' and CUDA_VISIBLE_DEVICES='0,1' disagree"):
+        device_env.apply_env(None, environ=environ, root="/nonexistent-maca")
+
+
 def test_conflicting_visible_devices_is_a_clear_error():
     environ = {"CUDA_VISIBLE_DEVICES": "0,1", "MACA_VISIBLE_DEVICES": "2,3"}
     with pytest.raises(ValueError) as info:
