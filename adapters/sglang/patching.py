@@ -296,25 +296,44 @@ def _batch_invariant_mode_emulated(*args, **kwargs) -> None:
     )
 
 
-def register_all(*, emulated: bool) -> None:
-    """Apply the fixes for this process (those not in effect yet); emulated-device fixes only when emulated."""
+def _apply_hook(record: RuntimePatch, fn: Callable, hook_type: str = "around") -> None:
+    if not LEDGER.is_applied(record.target):
+        hook(record, fn, hook_type=hook_type)
 
-    def apply_hook(record, fn, hook_type="around"):
-        if not LEDGER.is_applied(record.target):
-            hook(record, fn, hook_type=hook_type)
 
-    def apply_value(record, value_of):
-        if not LEDGER.is_applied(record.target):
-            set_module_value(record, value_of())
+def _apply_value(record: RuntimePatch, value_of: Callable) -> None:
+    if not LEDGER.is_applied(record.target):
+        set_module_value(record, value_of())
 
-    apply_hook(ROPE_WRAPPER, _rope_on_maca)
-    if not emulated:
-        return
-    apply_value(FORWARD_BATCH_IS_CPU, lambda: True)
-    apply_value(DP_MEMCPY, lambda: importlib.import_module("sglang.srt.layers.dp_attention").memcpy_cpu)
-    apply_value(PARALLEL_STATE_IS_CPU, lambda: True)
-    apply_hook(MOE_WNA16_CAPABILITY, _awq_capability_for_moe_wna16)
+
+def register_device_fixes() -> None:
+    """Apply the fixes every maca device needs (those not in effect yet): ``MacaSRTPlatform``'s set."""
+    _apply_hook(ROPE_WRAPPER, _rope_on_maca)
+
+
+def register_emulated_device_fixes() -> None:
+    """Apply the fixes only the emulated device needs: ``MacaEmulatedSRTPlatform`` adds these.
+
+    SGLang on CPU tensors outside its own CPU engine: three module flags SGLang
+    computes for CUDA (pinning, DP gather kernel, collective custom ops), and
+    hooks on the Triton / sgl_kernel / compute-capability paths it takes on
+    every device.
+    """
+    _apply_value(FORWARD_BATCH_IS_CPU, lambda: True)
+    _apply_value(DP_MEMCPY, lambda: importlib.import_module("sglang.srt.layers.dp_attention").memcpy_cpu)
+    _apply_value(PARALLEL_STATE_IS_CPU, lambda: True)
+    _apply_hook(MOE_WNA16_CAPABILITY, _awq_capability_for_moe_wna16)
     for record, fn in QWEN2_MOE_GATES:
-        apply_hook(record, fn, hook_type="replace")
-    apply_hook(BATCH_INVARIANT_MODE, _batch_invariant_mode_emulated, hook_type="replace")
-    apply_hook(SEEDED_HASH, _murmur_hash32_torch, hook_type="replace")
+        _apply_hook(record, fn, hook_type="replace")
+    _apply_hook(BATCH_INVARIANT_MODE, _batch_invariant_mode_emulated, hook_type="replace")
+    _apply_hook(SEEDED_HASH, _murmur_hash32_torch, hook_type="replace")
+
+
+def register_all(*, emulated: bool) -> None:
+    """Apply the fixes of the device (``emulated``: the emulated device's set too); tests and tools.
+
+    In a server the platform applies its own set (``register_runtime_fixes``).
+    """
+    register_device_fixes()
+    if emulated:
+        register_emulated_device_fixes()

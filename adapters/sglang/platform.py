@@ -1,12 +1,13 @@
 """The maca SRTPlatform: SGLang's out-of-tree platform for MetaX MACA GPUs.
 
 SGLang resolves ``current_platform`` once per process (scheduler, detokenizer,
-DP controller included) from the ``sglang.srt.platforms`` entry point; this
-class answers its questions for the maca device that
+DP controller included) from the ``sglang.srt.platforms`` entry point;
+``platform_plugin.activate`` names one of two classes from what
 ``maca_infer.common.device.resolve()`` found:
 
 ===========================  ======================  ===========================
-question                     real MACA / CUDA        emulated (CPU plays maca)
+question                     ``MacaSRTPlatform``     ``MacaEmulatedSRTPlatform``
+                             (real MACA / CUDA)      (emulated: CPU plays maca)
 ===========================  ======================  ===========================
 torch device of tensors      ``cuda:<rank>``         ``cpu``
 torch.distributed backend    ``nccl`` (MetaX mccl)   ``gloo``
@@ -14,7 +15,11 @@ Triton kernels               yes                     no (torch references)
 decode graph capture         DecodeCudaGraphRunner   no (eager)
 default attention backend    ``maca``                ``maca``
 fused ops (RMSNorm, SiLU)    maca_infer.common.ops   maca_infer.common.ops
+runtime fixes (patching.py)  device fixes            + emulated-device fixes
 ===========================  ======================  ===========================
+
+The emulated class lives in ``platform_emulated.py`` and overrides only what
+differs; this module holds the real-device class and the helpers both use.
 
 The dispatch key is ``maca`` (not ``cpu``) so SGLang's ``forward_cpu``
 paths, which need a CPU build of sgl_kernel, are never picked; our OOT
@@ -83,16 +88,27 @@ def cpu_binding_for_ranks(ranks: int, cpus: list[int] | None = None) -> str:
 
 
 class MacaSRTPlatform(SRTPlatform):
-    """SRTPlatform for the maca device (real MetaX GPU, CUDA stand-in, or emulated)."""
+    """SRTPlatform for a real maca device: a MetaX GPU, or an NVIDIA GPU standing in.
+
+    Tensors live on ``cuda:<rank>`` (mcPyTorch's name for the MetaX GPU),
+    collectives run on nccl (MetaX's mccl), Triton kernels and SGLang's decode
+    graph capture are available. The emulated device is
+    :class:`~maca_infer.adapters.sglang.platform_emulated.MacaEmulatedSRTPlatform`,
+    a subclass that overrides what differs; ``platform_plugin.activate`` picks
+    one of the two from the device resolution, once per process, so nothing
+    here asks which device it is on.
+    """
 
     _enum = PlatformEnum.OOT
     device_name = "maca"
     supported_quantization = ["moe_wna16", "awq", "gptq"]
+    # which of the two classes this is (for code outside the class, e.g. logs);
+    # behaviour that differs lives in the subclass, never behind this flag
+    emulated = False
 
     def __init__(self) -> None:
         super().__init__()
         self.resolution = resolve()
-        self.emulated = self.resolution.kind == "emulated"
         # torch's device type for this process's tensors
         self.device_type = self.resolution.torch_device
 
@@ -100,75 +116,52 @@ class MacaSRTPlatform(SRTPlatform):
 
     @property
     def capabilities(self) -> PlatformCapabilities:  # type: ignore[override]
-        if self.emulated:
-            # CPU tensors: no Triton launch, no stream capture, no NCCL
-            return PlatformCapabilities()
         return PlatformCapabilities(supports_triton=True, graph_capture=True)
 
     # -- device identity and memory --------------------------------------------
 
     def get_device(self, device_id: int = 0) -> str:
         # SGLang formats this into server args: a string, never torch.device
-        if self.emulated:
-            return "cpu"
         return "cuda" if device_id is None else f"cuda:{device_id}"
 
     def set_device(self, device) -> None:
-        if not self.emulated:
-            torch.cuda.set_device(device)
+        torch.cuda.set_device(device)
 
     def get_device_name(self, device_id: int = 0) -> str:
         return self.resolution.device_name
 
     def get_device_uuid(self, device_id: int = 0) -> str:
-        if self.emulated:
-            return f"maca-emulated-{device_id}"
         return str(torch.cuda.get_device_properties(device_id).uuid)
 
     def get_device_capability(self, device_id: int = 0) -> Optional[DeviceCapability]:
-        if self.emulated:
-            return None
         major, minor = torch.cuda.get_device_capability(device_id)
         return DeviceCapability(major, minor)
 
     def get_device_total_memory(self, device_id: int = 0) -> int:
-        if self.emulated:
-            budget = envs.emu_memory_bytes()
-            return budget if budget is not None else _host_ram_bytes() // 4
         return int(torch.cuda.get_device_properties(device_id).total_memory)
 
     def get_current_memory_usage(self, device=None) -> float:
-        if self.emulated:
-            # the emulated device's memory is this process's RAM
-            return float(_process_rss_bytes())
         return float(torch.cuda.max_memory_allocated(device))
 
     def get_available_memory(self, device_id: int = 0) -> tuple[int, int]:
-        total = self.get_device_total_memory(device_id)
-        if self.emulated:
-            return max(0, total - _process_rss_bytes()), total
         free, total = torch.cuda.mem_get_info(device_id)
         return int(free), int(total)
 
     def empty_cache(self) -> None:
-        if not self.emulated:
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
 
     def synchronize(self) -> None:
-        if not self.emulated:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
 
     def is_pin_memory_available(self, device=None) -> bool:
-        return not self.emulated
+        return True
 
     # -- distributed -----------------------------------------------------------
 
     def get_torch_distributed_backend_str(self) -> str:
-        return "gloo" if self.emulated else "nccl"
+        return "nccl"
 
     def get_group_coordinator_device(self, local_rank: int) -> torch.device:
-        if self.emulated:
-            return torch.device("cpu")
         return torch.device("cuda", local_rank)
 
     # -- subsystems --------------------------------------------------------------
@@ -177,8 +170,6 @@ class MacaSRTPlatform(SRTPlatform):
         return "maca"
 
     def get_graph_runner_cls(self):
-        if self.emulated:
-            return None  # graph_capture is off: SGLang never asks
         # SGLang's own decode graph runner: it captures through torch.cuda graphs,
         # which mcPyTorch provides on a MACA device
         from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
@@ -205,7 +196,7 @@ class MacaSRTPlatform(SRTPlatform):
         return quantization_config_for(quantization)
 
     def get_compile_backend(self, mode: str | None = None) -> str:
-        return "eager" if self.emulated else "inductor"
+        return "inductor"
 
     def get_dispatch_key_name(self) -> str:
         return DISPATCH_KEY
@@ -216,26 +207,14 @@ class MacaSRTPlatform(SRTPlatform):
         """Defaults for flags the user left unset (never overrides a user's choice)."""
         if getattr(server_args, "attention_backend", None) is None:
             server_args.attention_backend = "maca"
-        if self.emulated:
-            server_args.disable_cuda_graph = True
-            if getattr(server_args, "max_total_tokens", None) is None:
-                server_args.max_total_tokens = EMULATED_DEFAULT_MAX_TOTAL_TOKENS
-            if getattr(server_args, "sampling_backend", None) is None:
-                server_args.sampling_backend = "pytorch"
-            ranks = 1
-            for name in ("tp_size", "pp_size", "dp_size"):
-                ranks *= int(getattr(server_args, name, 1) or 1)
-            if ranks > 1 and envs.external("SGLANG_CPU_OMP_THREADS_BIND") is None:
-                # SGLang binds each CPU rank's OpenMP threads to one NUMA node and
-                # refuses more ranks than nodes unless told which cores each rank
-                # gets (its own variable); spawned ranks inherit it.
-                binding = cpu_binding_for_ranks(ranks)
-                os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = binding
-                logger.info("SGLANG_CPU_OMP_THREADS_BIND=%s (%d CPU ranks on the emulated device)", binding, ranks)
 
     def init_backend(self) -> None:
         from maca_infer.adapters.sglang.plugin import register
 
         register()
-        if self.emulated:
-            logger.info("SGLang runs on the emulated maca device (CPU tensors, torch reference ops)")
+
+    def register_runtime_fixes(self) -> None:
+        """Apply this device's ledgered SGLang fixes (patching.py); ``plugin.register()`` calls it."""
+        from maca_infer.adapters.sglang import patching
+
+        patching.register_device_fixes()

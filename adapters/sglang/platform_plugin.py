@@ -11,6 +11,10 @@ the platform class path only when this process should run on the maca device:
 
 Anything else (a CPU host with MACA_INFER_DEVICE unset, an NVIDIA host) gets
 ``None``, so installing maca-infer never hijacks an ordinary SGLang launch.
+
+The class is chosen here, once, from the device resolution: ``MacaSRTPlatform``
+for a real device (MetaX GPU, CUDA stand-in), its subclass
+``MacaEmulatedSRTPlatform`` for the emulated one (:func:`platform_class_for`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from maca_infer.common.log import get_logger, log_once
 logger = get_logger(__name__)
 
 PLATFORM_CLASS = "maca_infer.adapters.sglang.platform.MacaSRTPlatform"
+EMULATED_PLATFORM_CLASS = "maca_infer.adapters.sglang.platform_emulated.MacaEmulatedSRTPlatform"
 ENTRY_POINT_NAME = "maca"
 
 
@@ -51,17 +56,25 @@ def activate() -> str | None:
         return None
     from maca_infer.common import versions
 
+    from maca_infer.common.device import resolve
+
     versions.require("sglang")
-    _prepare_process()
+    kind = resolve().kind
+    _prepare_process(kind)
     log_once(logger, logging.INFO, "SGLang platform 'maca' active: %s", why)
-    return PLATFORM_CLASS
+    return platform_class_for(kind)
 
 
-def _prepare_process() -> None:
-    """Per-process setup before SGLang's modules read the device."""
-    from maca_infer.common.device import activate, resolve
+def platform_class_for(kind: str) -> str:
+    """The platform class path for a resolved device kind (SGLang imports it after activate)."""
+    return EMULATED_PLATFORM_CLASS if kind == "emulated" else PLATFORM_CLASS
 
-    if resolve().kind == "emulated":
+
+def _prepare_process(kind: str) -> None:
+    """Per-process setup before SGLang's modules read the device (before the class is imported)."""
+    from maca_infer.common.device import activate
+
+    if kind == "emulated":
         _leave_torch_cuda_alone_for_sglang()
     else:
         activate(framework="sglang")  # MACA_PATH tree, visible devices, MetaX's SGLang knobs

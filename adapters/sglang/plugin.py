@@ -57,13 +57,12 @@ def register() -> None:
     _register_deterministic_choice(BACKEND_NAME)
     _register_deepseek_handler()
     register_fused_op_forwards(DISPATCH_KEY)
-    from maca_infer.adapters.sglang import patching
-
     from sglang.srt.platforms import current_platform
 
-    # ledgered runtime fixes (common/patching.py), reaching SGLang through its HookRegistry;
-    # moe_wna16 needs no registration: the platform hands out its config (get_quantization_config)
-    patching.register_all(emulated=getattr(current_platform, "emulated", False))
+    # ledgered runtime fixes (patching.py, records of common/patching.py), reaching SGLang
+    # through its HookRegistry; the platform class knows its device's set. moe_wna16 needs
+    # no registration: the platform hands out its config (get_quantization_config)
+    current_platform.register_runtime_fixes()
     log_once(logger, logging.INFO, "SGLang: attention backend 'maca', fused ops and runtime fixes registered")
 
 

@@ -8,7 +8,12 @@ installed SGLang (it fails when an upgrade moves one).
 
 from __future__ import annotations
 
+import ast
+import inspect
 import pkgutil
+import textwrap
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ from maca_infer.adapters.sglang.fused_ops import (  # noqa: E402
 )
 from maca_infer.adapters.sglang.moe_wna16 import unpack_row_pairs  # noqa: E402
 from maca_infer.adapters.sglang.platform import MacaSRTPlatform, cpu_binding_for_ranks  # noqa: E402
+from maca_infer.adapters.sglang.platform_emulated import MacaEmulatedSRTPlatform  # noqa: E402
 from maca_infer.common.device import detect  # noqa: E402
 
 
@@ -59,11 +65,53 @@ def test_bad_device_value_is_an_error(fresh_resolution):
         platform_plugin.should_activate()
 
 
+def test_the_platform_class_follows_the_device_resolution(fresh_resolution, fake_maca_host):
+    """One choice, in the entry point: the emulated subclass only on the emulated device."""
+    assert detect.resolve().kind == "maca"
+    assert pkgutil.resolve_name(platform_plugin.platform_class_for(detect.resolve().kind)) is MacaSRTPlatform
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    detect.clear_cache()
+    path = platform_plugin.platform_class_for(detect.resolve().kind)
+    assert pkgutil.resolve_name(path) is MacaEmulatedSRTPlatform
+    assert issubclass(MacaEmulatedSRTPlatform, MacaSRTPlatform)
+    assert platform_plugin.platform_class_for("cuda-standin") == platform_plugin.PLATFORM_CLASS
+
+
+def _branches_on_emulated(cls) -> list[str]:
+    """Methods of ``cls`` (its own) with an ``if`` whose condition mentions "emulated"."""
+    found = []
+    for name, member in vars(cls).items():
+        fn = member.fget if isinstance(member, property) else member
+        if not inspect.isfunction(fn):
+            continue
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))):
+            if isinstance(node, (ast.If, ast.IfExp)) and "emulated" in ast.unparse(node.test):
+                found.append(name)
+    return found
+
+
+def test_the_real_device_platform_has_no_emulated_branches(fresh_resolution, fake_maca_host):
+    assert _branches_on_emulated(MacaSRTPlatform) == []
+    plat = MacaSRTPlatform()
+    assert plat.device_type == "cuda" and plat.get_device_name() == "MetaX C500"
+    assert plat.get_device(0) == "cuda:0" and plat.get_device(None) == "cuda"
+    caps = plat.capabilities
+    assert caps.supports_triton and caps.graph_capture
+    assert plat.get_torch_distributed_backend_str() == "nccl"
+    assert plat.get_group_coordinator_device(1) == torch.device("cuda", 1)
+    assert plat.is_pin_memory_available() and plat.get_compile_backend() == "inductor"
+    assert plat.get_graph_runner_cls().__name__ == "DecodeCudaGraphRunner"
+    args = SimpleNamespace(attention_backend=None, max_total_tokens=None, sampling_backend=None, tp_size=2)
+    plat.apply_server_args_defaults(args)
+    assert args.attention_backend == "maca" and not hasattr(args, "disable_cuda_graph")
+    assert args.max_total_tokens is None and args.sampling_backend is None
+
+
 def test_emulated_platform_answers(fresh_resolution):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 
     fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
-    plat = MacaSRTPlatform()
+    plat = MacaEmulatedSRTPlatform()
     assert plat.is_out_of_tree() and plat.device_name == "maca"
     assert plat.get_device(0) == "cpu" and isinstance(plat.get_device(1), str)
     caps = plat.capabilities
@@ -80,11 +128,9 @@ def test_emulated_platform_answers(fresh_resolution):
 
 
 def test_server_args_defaults_keep_user_choices(fresh_resolution):
-    from types import SimpleNamespace
-
     fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
     fresh_resolution.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0")  # keep the test from writing os.environ
-    plat = MacaSRTPlatform()
+    plat = MacaEmulatedSRTPlatform()
     unset = SimpleNamespace(attention_backend=None, max_total_tokens=None, sampling_backend=None, tp_size=1)
     plat.apply_server_args_defaults(unset)
     assert unset.attention_backend == "maca" and unset.disable_cuda_graph is True
@@ -239,3 +285,22 @@ def test_sglang_hooks_are_undone_through_the_helper():
         assert seen[-1] is None
     finally:
         patching.undo_all()
+
+
+@pytest.mark.parametrize("cls", [MacaSRTPlatform, MacaEmulatedSRTPlatform])
+def test_each_platform_applies_its_own_runtime_fixes(fresh_resolution, cls):
+    """The real-device class applies the device fixes; the emulated subclass adds its own set."""
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")  # construction only: no device queried
+    assert patching.applied() == [], "another test left runtime fixes applied"
+    try:
+        cls().register_runtime_fixes()
+        got = [r.target for r in patching.applied()]
+    finally:
+        patching.undo_all()
+    try:
+        patching.register_all(emulated=cls.emulated)
+        expected = [r.target for r in patching.applied()]
+    finally:
+        patching.undo_all()
+    assert got == expected
+    assert (patching.DP_MEMCPY.target in got) is (cls is MacaEmulatedSRTPlatform)
