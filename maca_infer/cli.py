@@ -28,12 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "patches": ("maca_infer.patches_cli", "list/check/apply/revert our patches to upstream scripts"),
     "bench": ("maca_infer.bench_cli", "benchmarks: ops, generation (LMDeploy pipeline), serving (OpenAI API)"),
     "eval": ("maca_infer.eval.cli", "accuracy: MMLU and C-Eval against an OpenAI-compatible server"),
+    "precision": ("maca_infer.precision", "layer-by-layer accuracy of a Transformers LLM on the maca device vs float64 CPU"),
 }
 
 
 # The [project.optional-dependencies] extra of pyproject.toml that installs
 # what a command imports beyond the base dependencies ...
-COMMAND_EXTRAS: dict[str, str] = {"make-model": "hf", "bench": "bench", "eval": "eval"}
+COMMAND_EXTRAS: dict[str, str] = {"make-model": "hf", "bench": "bench", "eval": "eval", "precision": "hf"}
 # ... except a framework, which comes with its own extra (e.g. bench generation: lmdeploy).
 FRAMEWORK_EXTRAS: dict[str, str] = {
     "lmdeploy": "lmdeploy", "sglang": "sglang", "transformers": "hf", "diffusers": "hf", "triton": "triton",
