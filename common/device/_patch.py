@@ -1,6 +1,6 @@
 """The emulated device's facade over the one runtime-patch helper (common/patching.py).
 
-``emulation.py`` patches torch through ``PATCHES.patch(owner, attr,
+``emulation`` (its ``install`` module) patches torch through ``PATCHES.patch(owner, attr,
 replacement, why=...)``; every such patch is a part of the one declared
 record :data:`EMULATION` in ``maca_infer.common.patching.LEDGER`` (its how,
 versions and removal condition), keeps its original, is refused a second
