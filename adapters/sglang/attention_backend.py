@@ -50,6 +50,45 @@ SUPPORTED_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GATHER_BLOCK = 16  # block size of the latents gathered for page_size 1 (mla_decode needs >= 8)
 
 
+def _check_heads_match_pool(model, pool) -> None:
+    """Every attention layer must hold as many KV heads per rank as the pool stores, checked once at start-up.
+
+    SGLang sizes the KV pool by the attention-TP size, and with DP attention
+    (``--enable-dp-attention``: attention TP = tp / dp) a model must split its
+    heads the same way. Models written for plain TP only (in SGLang 0.5.x e.g.
+    Llama, Qwen2, Mixtral) split heads over the whole ``--tp`` group instead,
+    which would write K/V of the wrong width and reduce o_proj across
+    different DP batches: refuse with the reason instead of serving wrong text.
+    """
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    if type(pool) is not MHATokenToKVPool:
+        return
+    for module in model.modules():
+        if not isinstance(module, RadixAttention) or module.is_cross_attention:
+            continue
+        if module.tp_k_head_num == pool.head_num:
+            continue
+        arch = type(model).__name__
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        if par.attn_tp_size != par.tp_size:
+            raise ValueError(
+                f"maca attention backend: {arch} does not support DP attention in this SGLang: its layers split "
+                f"attention heads over the whole tp group (tp={par.tp_size}: {module.tp_k_head_num} KV heads per "
+                f"rank) while DP attention gives each rank attention-TP size {par.attn_tp_size} "
+                f"({pool.head_num} KV heads). Serve it without --enable-dp-attention (plain --tp / --dp), or use a "
+                "model family whose SGLang implementation supports DP attention (e.g. Qwen3, Qwen2-MoE, Qwen3-MoE, "
+                "DeepSeek-V2/V3)."
+            )
+        raise ValueError(
+            f"maca attention backend: layer {module.layer_id} of {arch} has {module.tp_k_head_num} KV heads per "
+            f"rank but the KV pool stores {pool.head_num}"
+        )
+
+
 def _base_class():
     # Imported lazily: installing maca-infer never forces SGLang.
     from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -266,6 +305,9 @@ class MacaAttnBackend(_MacaBackendBase, _base_class()):
     def __init__(self, model_runner):
         super().__init__()
         self._init_common(model_runner)
+        model = getattr(model_runner, "model", None)  # a real runner has loaded it by now
+        if model is not None:
+            _check_heads_match_pool(model, self.token_to_kv_pool)
 
     def _store_kv(self, layer, forward_batch, k, v) -> None:
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool

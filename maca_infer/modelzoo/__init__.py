@@ -14,6 +14,8 @@ whose weights are exactly the dequantized int4 weights.
 Kinds (all: hidden 128, 2 layers, vocab 4096 = 4032 BPE ids + specials + padding):
     llama          Llama-3 style: 4 q heads x 32, 2 KV heads, untied head
     qwen2          + q/k/v biases, ChatML tokenizer
+    qwen3          qwen2 without biases + per-head q/k RMSNorm (SGLang's dense
+                   model with DP-attention support)
     qwen2_moe      8 experts top-2 (moe_intermediate 64) + gated shared expert
     mixtral        8 experts top-2 (intermediate 128), [INST] template
     gemma          tied embeddings, gelu-tanh, (1 + w) norms

@@ -154,6 +154,22 @@ def qwen2_tensors(config: dict) -> list[TensorSpec]:
     )
 
 
+def qwen3_config(tok: TokenizerInfo) -> dict:
+    c = qwen2_config(tok)
+    c.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=HEAD_DIM, attention_bias=False)
+    return c
+
+
+def qwen3_tensors(config: dict) -> list[TensorSpec]:
+    def layer(i: int, p: str) -> list[TensorSpec]:
+        a = f"{p}.self_attn"
+        # per-head RMSNorm of q and k before rotary (Qwen3's only change to the Qwen2 layer, besides no bias)
+        norms = [TensorSpec(f"{a}.q_norm.weight", (HEAD_DIM,), "norm"), TensorSpec(f"{a}.k_norm.weight", (HEAD_DIM,), "norm")]
+        return _gqa_attention(a, qkv_bias=False) + norms + _mlp(f"{p}.mlp", INTERMEDIATE)
+
+    return _skeleton(config, layer)
+
+
 QWEN2_MOE_EXPERTS = 8
 QWEN2_MOE_INTERMEDIATE = 64
 QWEN2_MOE_SHARED_INTERMEDIATE = 128
@@ -325,6 +341,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama3", llama_config, llama_tensors),
     "qwen2": Architecture("chatml", qwen2_config, qwen2_tensors),
+    "qwen3": Architecture("chatml", qwen3_config, qwen3_tensors),
     "qwen2_moe": Architecture("chatml", qwen2_moe_config, qwen2_moe_tensors),
     "mixtral": Architecture("mistral", mixtral_config, mixtral_tensors),
     "gemma": Architecture("gemma", gemma_config, gemma_tensors),

@@ -47,6 +47,7 @@ _GPTQ_ASYM = QuantScheme("gptq", GROUP_SIZE, sym=False)
 _KIND_SPECS: dict[str, KindSpec] = {
     "llama": KindSpec("llama"),
     "qwen2": KindSpec("qwen2"),
+    "qwen3": KindSpec("qwen3"),
     "qwen2_moe": KindSpec("qwen2_moe"),
     "mixtral": KindSpec("mixtral"),
     "gemma": KindSpec("gemma"),
