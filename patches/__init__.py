@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
+    import tomli as tomllib
 
 PATCH_ROOT = Path(__file__).resolve().parent
 

@@ -34,7 +34,9 @@ from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-DECLARED = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+# the declared dependencies that apply to this interpreter (environment markers evaluated)
+DECLARED = [r for r in map(Requirement, PYPROJECT["project"]["dependencies"])
+            if r.marker is None or r.marker.evaluate({"extra": ""})]
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 # folders of torch wheels to reuse for the bare venv (os.pathsep-separated)
 TORCH_WHEEL_DIRS = [Path(p) for p in os.environ.get("BARE_INSTALL_TORCH_WHEELS", "/opt/wheels").split(os.pathsep) if p]
