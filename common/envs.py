@@ -63,6 +63,13 @@ VARIABLES: dict[str, tuple[tuple[str, ...] | None, str, str]] = {
         "",
         "where the tiny model factory caches checkpoints (default ~/.cache/maca-infer/models)",
     ),
+    "MACA_INFER_TRITON_BRANCH": (
+        ("auto", "device"),
+        "auto",
+        "under TRITON_INTERPRET=1 on CPU tensors: auto runs the kernels' interpreter branch (fp32 "
+        "tl.dot inputs, small tiles); device runs the branch a MACA/CUDA device runs (its tile "
+        "sizes, fp16/bf16 tl.dot inputs), so tests check that code on CPU",
+    ),
 }
 
 
@@ -154,6 +161,11 @@ def external(name: str) -> str | None:
 def triton_interpret() -> bool:
     """Triton's own TRITON_INTERPRET=1: kernels run on CPU tensors in numpy."""
     return (external("TRITON_INTERPRET") or "0").strip() == "1"
+
+
+def triton_device_branch() -> bool:
+    """MACA_INFER_TRITON_BRANCH=device: interpreted kernels take the device branch (tests)."""
+    return get("MACA_INFER_TRITON_BRANCH") == "device"
 
 
 def maca_path(default: str) -> str:

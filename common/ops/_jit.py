@@ -113,3 +113,16 @@ def _helpers_interpreted() -> bool:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1): Triton block sizes must be powers of two."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def interpreter_branch(device: "torch.device") -> bool:
+    """Whether a launch on ``device`` takes the kernels' interpreter branch.
+
+    Tensors off a GPU run in Triton's interpreter, where every program runs
+    in numpy: there the kernels use small tiles, and fp32 ``tl.dot`` inputs
+    (the interpreter multiplies bf16 wrongly, triton-lang/triton#11584).
+    ``MACA_INFER_TRITON_BRANCH=device`` makes interpreted launches take the
+    device branch instead (device tile sizes, fp16/bf16 ``tl.dot`` inputs),
+    so the tests check the code a MACA or CUDA device runs.
+    """
+    return device.type != "cuda" and not envs.triton_device_branch()

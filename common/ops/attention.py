@@ -55,9 +55,8 @@ import math
 
 import torch
 
-from maca_infer.common import envs
 from maca_infer.common.ops import _checks, _dispatch
-from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl, triton
+from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
 from maca_infer.common.ops._triton_helpers import (
     attention_scores,
@@ -295,9 +294,9 @@ _decode_kernel = lazy_jit(_decode_kernel_fn)
 # ==========================================================================
 # Launchers
 # ==========================================================================
-def _tile_sizes(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> tuple[int, int]:
+def _tile_sizes(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the prefill kernel."""
-    if envs.triton_interpret():
+    if interpreter_branch(device):
         return 16, 16  # every program runs in numpy: the smallest tile tl.dot takes
     if max(head_dim, head_dim_v) > 128 or dtype == torch.float32:
         # keep q, k, v tiles and the accumulator within registers and a
@@ -319,10 +318,10 @@ def _dot_tile(dim: int) -> int:
     return max(16, next_power_of_2(dim))
 
 
-def _dot_in_fp32(dtype: torch.dtype) -> bool:
+def _dot_in_fp32(tensor: torch.Tensor) -> bool:
     # The interpreter computes bf16 arithmetic wrongly (triton-lang/triton#11584);
     # on a device fp16/bf16 tiles go to the tensor cores with fp32 accumulation.
-    return dtype == torch.float32 or envs.triton_interpret()
+    return tensor.dtype == torch.float32 or interpreter_branch(tensor.device)
 
 
 def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
@@ -339,7 +338,7 @@ def _feature_args(q, scale, sliding_window, logit_softcap, alibi_slopes):
         sliding_window=int(sliding_window) if sliding_window else 0,
         alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else q,  # unread when USE_ALIBI is off
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logit_softcap), USE_ALIBI=alibi_slopes is not None,
-        DOT_FP32=_dot_in_fp32(q.dtype),
+        DOT_FP32=_dot_in_fp32(q),
     )
 
 
@@ -354,7 +353,7 @@ def _prefill_triton(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q,
         max_seqlen_q = _max_seqlen(cu_seqlens_q)
     if max_seqlen_q == 0:
         return out
-    block_m, block_n = _tile_sizes(head_dim, head_dim_v, q.dtype)
+    block_m, block_n = _tile_sizes(head_dim, head_dim_v, q.dtype, q.device)
     if paged:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
         v_strides = (v.stride(0), v.stride(1), v.stride(2))
@@ -395,7 +394,7 @@ def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, s
         num_kv_splits = auto_num_kv_splits(batch * num_kv_heads, capacity, q4.device)
     group = num_q_heads // num_kv_heads
     block_m = max(16, next_power_of_2(query_len * group))
-    if envs.triton_interpret():
+    if interpreter_branch(q4.device):
         block_n = 16
     else:
         block_n = 64 if max(head_dim, head_dim_v) <= 128 and q4.dtype != torch.float32 else 32

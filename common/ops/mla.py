@@ -33,9 +33,8 @@ import math
 
 import torch
 
-from maca_infer.common import envs
 from maca_infer.common.ops import _checks, _dispatch
-from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
+from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl
 from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
 from maca_infer.common.ops._triton_helpers import LOG2E, online_softmax_finish, online_softmax_step
 from maca_infer.common.ops.kv_cache import check_slot_mapping, check_slots_in_range
@@ -184,7 +183,7 @@ def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, nu
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1),
         BLOCK_H=_BLOCK_H, BLOCK_N=_BLOCK_N, BLOCK_C=block_c, BLOCK_PE=max(16, next_power_of_2(rope_dim)),
-        DOT_FP32=q_nope.dtype == torch.float32 or envs.triton_interpret(),
+        DOT_FP32=q_nope.dtype == torch.float32 or interpreter_branch(q_nope.device),
     )
     # one query token per sequence: the merge's token dimension is 1
     merge_kv_splits(partial_out.unsqueeze(1), partial_lse.unsqueeze(1), out.unsqueeze(1),

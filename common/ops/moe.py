@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from maca_infer.common.ops import _checks, _dispatch
-from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl, triton
+from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 from maca_infer.common.ops.quant import _as_uint8_packing, _dequant_fp32, _resolve_group_size
 
@@ -634,7 +634,7 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation, out, quant
     inter_size = two_inter // 2
     top_k = topk_ids.shape[1]
     num_assignments = num_tokens * top_k
-    interpret = x.device.type != "cuda"
+    interpret = interpreter_branch(x.device)
     block_m, block_n, block_k = _moe_block_config(num_assignments, num_experts, interpret)
     block_k1 = block_k2 = block_k
     if quant is not None:

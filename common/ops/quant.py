@@ -32,7 +32,7 @@ import sys
 import torch
 
 from maca_infer.common.ops import _checks, _dispatch
-from maca_infer.common.ops._jit import lazy_jit, tl, triton
+from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, tl, triton
 from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 
 # group sizes: a power of two >= 16 that divides K (checkpoints use 32, 64, 128),
@@ -408,7 +408,7 @@ def device_sm_count(device: torch.device) -> int:
 def _w4a16_linear_triton(x2d, qweight, scales, zeros, group, bias, split_k, out):
     m, k = x2d.shape
     n = qweight.shape[0]
-    interpret = x2d.device.type != "cuda"
+    interpret = interpreter_branch(x2d.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if interpret else 64
     block_k = 64

@@ -46,6 +46,44 @@ def ops_impl(request, monkeypatch):
     return impl
 
 
+@pytest.fixture
+def device_branch(monkeypatch):
+    """Runs the Triton kernels' device branch in the interpreter (``MACA_INFER_TRITON_BRANCH=device``).
+
+    The device branch is what a MACA or CUDA card runs: its tile sizes and
+    fp16/bf16 ``tl.dot`` inputs with fp32 accumulation. The interpreter runs
+    it exactly for fp16 (numpy multiplies the fp16 tiles in float32). For
+    bf16 it does not: it stores bf16 as uint16 and ``tl.dot`` multiplies those
+    integers (triton-lang/triton#11584), so this fixture makes the
+    interpreter's dot widen bf16 tiles to float32 first (exact: a bf16 value
+    is the top half of its float32), which is what the card's MMA computes.
+    Every other bf16 step of these kernels is a cast (the interpreter
+    truncates float32 -> bf16 where the card rounds to nearest: at most one
+    bf16 ulp more, inside the bf16 tolerance); their arithmetic is float32.
+    """
+    if not HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the device branch runs here only in Triton's interpreter")
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen_bf16(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32),
+                                        tl.float32)
+
+    def exact_bf16_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen_bf16(a), widen_bf16(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", exact_bf16_dot)
+    monkeypatch.setenv("MACA_INFER_TRITON_BRANCH", "device")
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", "triton")
+    return "triton"
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (in float64); NaN anywhere -> inf."""
     actual = actual.detach().to("cpu", torch.float64)

@@ -165,10 +165,10 @@ PREFILL_SHAPES = {
     ("alibi", "mha-d32-bs1"),
     ("all", "gqa3-d48-dv32-bs8"),
 ])
-def test_paged_prefill_matches_float64(ops_impl, close, dtype, feature, shape):
+def test_paged_prefill_matches_float64(ops_impl, close, dtype, feature, shape, batch=PREFILL_BATCH):
     num_q_heads, num_kv_heads, head_dim, head_dim_v, block_size = PREFILL_SHAPES[shape]
-    q_lens = [ql for ql, _ in PREFILL_BATCH]
-    kv_lens = [kl for _, kl in PREFILL_BATCH]
+    q_lens = [ql for ql, _ in batch]
+    kv_lens = [kl for _, kl in batch]
     keys, values = _sequences(kv_lens, num_kv_heads, head_dim, head_dim_v, dtype, seed=1)
     key_cache, value_cache, block_table = _paged_cache(keys, values, block_size, seed=1)
     gen = torch.Generator().manual_seed(2)
@@ -182,7 +182,7 @@ def test_paged_prefill_matches_float64(ops_impl, close, dtype, feature, shape):
     assert got is out
     assert _dispatch.last_impl("paged_prefill_attention") == ops_impl
     start = 0
-    for b, (q_len, _) in enumerate(PREFILL_BATCH):
+    for b, (q_len, _) in enumerate(batch):
         expected, _ = _expected_f64(q[start:start + q_len], keys[b], values[b], **_expected_options(options))
         close(got[start:start + q_len], expected, dtype, f"sequence {b}")
         start += q_len
@@ -354,6 +354,38 @@ def test_paged_decode_matches_float64(ops_impl, close, dtype, feature, query_len
     assert got is out
     assert lse.shape == q.shape[:-2] + (num_q_heads,) and lse.dtype == torch.float32
     assert _dispatch.last_impl("paged_decode_attention") == ops_impl
+    _check_decode(close, q, keys, values, got, lse, dtype, options)
+
+
+# --------------------------------------------------------------------------
+# The device branch: what a MACA / CUDA card runs (device tile sizes, fp16/bf16
+# tl.dot inputs), here in the interpreter (conftest.device_branch)
+# --------------------------------------------------------------------------
+# several 64-query and 64-key tiles per sequence: the online-softmax rescale
+# between key tiles and the causal bound of a later query tile both matter
+DEVICE_PREFILL_BATCH = [(70, 150), (1, 1), (5, 100), (17, 17)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("feature, shape", [("plain", "gqa3-d48-dv32-bs8"), ("all", "mqa-d80-bs16")])
+def test_paged_prefill_device_branch(device_branch, close, dtype, feature, shape):
+    test_paged_prefill_matches_float64(device_branch, close, dtype, feature, shape, batch=DEVICE_PREFILL_BATCH)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("feature, query_len, num_kv_splits", [
+    ("plain", None, 1),   # one split walks three 64-key tiles
+    ("softcap", 2, 2),    # split-KV + merge, multi-token decode
+    ("all", 3, 1),
+])
+def test_paged_decode_device_branch(device_branch, close, dtype, feature, query_len, num_kv_splits):
+    num_q_heads, num_kv_heads, head_dim, head_dim_v = 6, 2, 48, 32
+    q, keys, values, key_cache, value_cache, block_table, kv_seqlens = _decode_inputs(
+        dtype, query_len, num_q_heads, num_kv_heads, head_dim, head_dim_v, 16, [1, 190, 64, 70])
+    options = _options(feature, num_q_heads)
+    got, lse = attn.paged_decode_attention(q, key_cache, value_cache, block_table, kv_seqlens,
+                                           num_kv_splits=num_kv_splits, return_lse=True, **options)
+    assert _dispatch.last_impl("paged_decode_attention") == "triton"
     _check_decode(close, q, keys, values, got, lse, dtype, options)
 
 

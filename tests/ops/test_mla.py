@@ -81,6 +81,13 @@ def test_mla_decode(ops_impl, dtype, block_size, num_kv_splits, close, nan_tenso
     close(lse, expected_lse, torch.float32 if dtype == torch.float32 else torch.float16, "lse")
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("num_kv_splits", (1, 3))
+def test_mla_decode_device_branch(device_branch, dtype, num_kv_splits, close, nan_tensor):
+    """The card's branch (fp16/bf16 tl.dot inputs) in the interpreter; see conftest.device_branch."""
+    test_mla_decode(device_branch, dtype, 16, num_kv_splits, close, nan_tensor)
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_mla_decode_strided_query_4d_cache_many_heads(ops_impl, dtype, close):
     # q_nope as the absorbed bmm leaves it ([H, B, L] transposed to [B, H, L]);

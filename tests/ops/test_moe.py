@@ -248,6 +248,12 @@ def test_fused_moe(ops_impl, dtype, num_tokens, hidden, inter, num_experts, top_
     close(y, moe_float64(x, w13, w2, weights, ids), dtype)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_fused_moe_device_branch(device_branch, dtype, close, nan_tensor):
+    """The card's branch (64-wide tiles, fp16/bf16 tl.dot inputs) in the interpreter; see conftest.device_branch."""
+    test_fused_moe(device_branch, dtype, 9, 136, 72, 6, 3, close, nan_tensor)  # two K tiles in both GEMMs
+
+
 @pytest.mark.parametrize("activation", ("gelu", "gelu_tanh"))
 def test_fused_moe_activations(ops_impl, activation, close):
     generator = torch.Generator().manual_seed(7)
@@ -337,6 +343,11 @@ def test_fused_moe_w4a16(ops_impl, dtype, num_tokens, hidden, inter, num_experts
     expected = moe_float64(x, dequant_experts_float64(q13, s13, z13, g13), dequant_experts_float64(q2, s2, z2, g2),
                            weights, ids)
     close(y, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_fused_moe_w4a16_device_branch(device_branch, dtype, close, nan_tensor):
+    test_fused_moe_w4a16(device_branch, dtype, *W4A16_CASES[2], close, nan_tensor)
 
 
 def test_fused_moe_w4a16_int32_packing_and_bf16_with_fp16_scales(ops_impl, close):

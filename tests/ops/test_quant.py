@@ -249,6 +249,13 @@ def test_w4a16_linear(ops_impl, dtype, lead, n, k, group_size, with_zeros, with_
     close(y, linear_float64(x, q, scales, zeros, group, bias), dtype)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("case", [LINEAR_CASES[1], LINEAR_CASES[2]], ids=("groups-bias", "split-k"))
+def test_w4a16_linear_device_branch(device_branch, dtype, case, close, nan_tensor):
+    """The card's branch (64-wide tiles, fp16/bf16 tl.dot inputs) in the interpreter; see conftest.device_branch."""
+    test_w4a16_linear(device_branch, dtype, *case, close, nan_tensor)
+
+
 def test_w4a16_linear_int32_weights_and_fp16_scales_for_bf16(ops_impl, close):
     """8-per-int32 packing is read directly; scales may have another float dtype than x."""
     q, scales, zeros = random_w4a16(12, 64, 32, True, torch.float16, seed=3)
