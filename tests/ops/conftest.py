@@ -36,7 +36,18 @@ IMPLS = ("reference", "triton")
 @pytest.fixture(params=IMPLS)
 def ops_impl(request, monkeypatch):
     """Runs the test once per implementation; the forced one never falls back."""
-    impl = request.param
+    return _use_impl(request.param, monkeypatch)
+
+
+@pytest.fixture(params=IMPLS + ("triton-device",))
+def any_branch(request, monkeypatch):
+    """Like ``ops_impl``, plus a third run of the kernel's device branch (see ``device_branch``)."""
+    if request.param == "triton-device":
+        return _use_device_branch(monkeypatch)
+    return _use_impl(request.param, monkeypatch)
+
+
+def _use_impl(impl, monkeypatch):
     if impl == "triton":
         if not HAVE_TRITON:
             pytest.skip("triton is not importable")
@@ -48,6 +59,10 @@ def ops_impl(request, monkeypatch):
 
 @pytest.fixture
 def device_branch(monkeypatch):
+    return _use_device_branch(monkeypatch)
+
+
+def _use_device_branch(monkeypatch):
     """Runs the Triton kernels' device branch in the interpreter (``MACA_INFER_TRITON_BRANCH=device``).
 
     The device branch is what a MACA or CUDA card runs: its tile sizes and

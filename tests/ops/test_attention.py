@@ -430,6 +430,58 @@ def test_paged_decode_auto_splits_long_block_table(ops_impl, close):
 
 
 # --------------------------------------------------------------------------
+# Extremes a device meets: large logits, long contexts
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_large_logits(any_branch, close, dtype):
+    """Scores x100 (|s| in the hundreds): exp without the running max overflows float32."""
+    num_q_heads, num_kv_heads, head_dim = 4, 2, 32
+    options = {"scale": 100.0 / math.sqrt(head_dim)}
+    q, keys, values, key_cache, value_cache, block_table, kv_seqlens = _decode_inputs(
+        dtype, None, num_q_heads, num_kv_heads, head_dim, head_dim, 16, [150, 9])
+    got, lse = attn.paged_decode_attention(q, key_cache, value_cache, block_table, kv_seqlens, num_kv_splits=2,
+                                           return_lse=True, **options)
+    _check_decode(close, q, keys, values, got, lse, dtype, options)
+    lens = [(20, 150), (3, 9)]
+    prefill_q = torch.randn(23, num_q_heads, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = attn.paged_prefill_attention(prefill_q, key_cache, value_cache, block_table, _cu([20, 3]), kv_seqlens,
+                                       **options)
+    start = 0
+    for b, (q_len, _) in enumerate(lens):
+        expected, _ = _expected_f64(prefill_q[start:start + q_len], keys[b], values[b], **_expected_options(options))
+        close(got[start:start + q_len], expected, dtype, f"prefill sequence {b}")
+        start += q_len
+
+
+def test_long_context_decode_split_kv(any_branch, close):
+    """4100 keys cut into KV splits (explicit and auto) next to a 3-key sequence."""
+    dtype = torch.float16
+    q, keys, values, key_cache, value_cache, block_table, kv_seqlens = _decode_inputs(
+        dtype, None, 4, 1, 32, 32, 16, [4100, 3])
+    for splits in (8, None):
+        got, lse = attn.paged_decode_attention(q, key_cache, value_cache, block_table, kv_seqlens,
+                                               num_kv_splits=splits, return_lse=True)
+        _check_decode(close, q, keys, values, got, lse, dtype, {})
+
+
+def test_long_context_prefill_with_cached_prefix(any_branch, close, monkeypatch):
+    """40 new tokens after a 1060-token cached prefix; the reference scores queries in chunks."""
+    monkeypatch.setattr(attn, "_REFERENCE_MAX_SCORES", 1 << 14)  # ~8 queries per chunk at this size
+    dtype = torch.float16
+    batch = [(40, 1100), (3, 3)]
+    keys, values = _sequences([kl for _, kl in batch], 1, 32, 32, dtype, seed=4)
+    key_cache, value_cache, block_table = _paged_cache(keys, values, 16, seed=4)
+    q = torch.randn(43, 2, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
+    got = attn.paged_prefill_attention(q, key_cache, value_cache, block_table, _cu([40, 3]),
+                                       torch.tensor([1100, 3], dtype=torch.int32), sliding_window=1030)
+    start = 0
+    for b, (q_len, _) in enumerate(batch):
+        expected, _ = _expected_f64(q[start:start + q_len], keys[b], values[b], window=1030)
+        close(got[start:start + q_len], expected, dtype, f"sequence {b}")
+        start += q_len
+
+
+# --------------------------------------------------------------------------
 # Dispatch and validation
 # --------------------------------------------------------------------------
 def test_auto_mode_runs_the_reference_on_cpu(monkeypatch):

@@ -66,6 +66,22 @@ def test_moe_topk_softmax(ops_impl, dtype, num_tokens, num_experts, top_k, renor
         assert weights[t].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_moe_topk_softmax_large_router_logits(ops_impl, dtype):
+    """Router logits of +-80 and beyond: exp without the row max overflows float32 above 88.7
+    (e^100 is inf) and underflows to 0 below -103 (then 0 / 0)."""
+    logits = torch.tensor([[80.0, -80.0, 79.0, 0.0, 78.5, -3.0],
+                           [-80.0, -79.5, -81.0, -78.0, -80.5, -82.0],
+                           [100.0, -100.0, 99.0, 0.0, 98.5, 60.0],
+                           [-120.0, -119.5, -121.0, -118.0, -120.5, -122.0]]).to(dtype)
+    weights, ids = moe_topk_softmax(logits, 3, False)
+    assert torch.isfinite(weights).all()
+    for t, row in enumerate(logits.double().tolist()):
+        probs = softmax_float64(row)
+        assert weights[t].tolist() == pytest.approx([probs[e] for e in ids[t].tolist()], rel=1e-5, abs=1e-7)
+        assert sorted(ids[t].tolist()) == sorted(sorted(range(6), key=lambda e: -probs[e])[:3])
+
+
 def grouped_topk_float64(logits, top_k, num_groups, topk_group, renormalize, scoring, bias, scaling):
     """DeepSeek routing, token by token, in Python floats."""
     weights, ids = [], []

@@ -72,7 +72,7 @@ def test_rms_norm_column_strided_x(ops_impl, close):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", (7, 1000))
+@pytest.mark.parametrize("hidden", (7, 1000, 16384))  # 16384: Llama-405B, the chunked two-pass path
 @pytest.mark.parametrize("gemma", (False, True))
 def test_add_rms_norm(ops_impl, dtype, hidden, gemma, close):
     torch.manual_seed(hidden + gemma)

@@ -95,6 +95,18 @@ def test_apply_rotary_inplace_on_fused_qkv(ops_impl, dtype, style, close):
     assert torch.equal(qkv[:, 4 * head_dim:], v_before), "the value part of qkv must be untouched"
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_long_context_positions(ops_impl, dtype, close):
+    """Positions past 32768 (128k-context models): cache rows far into the table."""
+    positions = [32768, 5, 131071, 40000]
+    torch.manual_seed(9)
+    _, q, k = fused_qkv_views(len(positions), 4, 2, 64, dtype)
+    cache, _, _ = cos_sin_tables(positions, 64, max_position=131072)
+    q_out, k_out = rotary_embedding(torch.tensor(positions), q, k, cache, style="neox")
+    close(q_out, rope_float64(q, positions, 64, "neox"), dtype, "query")
+    close(k_out, rope_float64(k, positions, 64, "neox"), dtype, "key")
+
+
 @pytest.mark.parametrize("positions_dtype", (torch.int32, torch.int64))
 def test_query_only_and_bf16_cache(ops_impl, positions_dtype, close):
     # MLA-style: rotate only the query's rope part; the cache is in the model dtype
