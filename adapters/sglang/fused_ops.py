@@ -15,6 +15,7 @@ GemmaRMSNorm) keep their own forwards.
 from __future__ import annotations
 
 import logging
+import math
 
 from maca_infer.common import ops
 from maca_infer.common.log import get_logger, log_once
@@ -60,11 +61,12 @@ def _rotary_forward(self, positions, query, key, offsets=None, fused_set_kv_buff
     if cache.device != query.device:
         cache = cache.to(query.device)
         self.cos_sin_cache = cache
-    # explicit head counts: view(T, -1, D) cannot infer -1 when T == 0 (an idle DP-attention rank)
+    # q/k come as [T, H * D] or [T, H, D] (DeepSeek's q_pe / k_pe); the head count comes from the non-token
+    # dims, because view(T, -1, D) cannot infer -1 when T == 0 (an idle DP-attention rank)
     q, k = ops.rotary_embedding(
         positions,
-        query.view(num_tokens, query.shape[-1] // self.head_size, self.head_size),
-        key.view(num_tokens, key.shape[-1] // self.head_size, self.head_size),
+        query.view(num_tokens, math.prod(query.shape[1:]) // self.head_size, self.head_size),
+        key.view(num_tokens, math.prod(key.shape[1:]) // self.head_size, self.head_size),
         cache,
         style="neox" if self.is_neox_style else "gptj",
     )

@@ -101,6 +101,31 @@ def test_rotary_forward(ops_tier, maca_rotary, neox):
     _expect(k, (0, 2 * 64), torch.float32)
 
 
+def _rotate_both_layouts(rope, num_tokens):
+    positions = torch.arange(num_tokens, dtype=torch.int64) * 7
+    q = torch.randn(num_tokens, 4, 64)
+    k = torch.randn(num_tokens, 1, 64)
+    q3, k3 = fused_ops._rotary_forward(rope, positions, q.clone(), k.clone())
+    q2, k2 = fused_ops._rotary_forward(rope, positions, q.reshape(num_tokens, 4 * 64).clone(),
+                                       k.reshape(num_tokens, 64).clone())
+    _expect(q3, (num_tokens, 4, 64), torch.float32)
+    _expect(k3, (num_tokens, 1, 64), torch.float32)
+    torch.testing.assert_close(q3.reshape(num_tokens, 4 * 64), q2, rtol=0, atol=0)
+    torch.testing.assert_close(k3.reshape(num_tokens, 64), k2, rtol=0, atol=0)
+    return q, q3
+
+
+def test_rotary_forward_on_per_head_layout_empty(ops_tier, maca_rotary):
+    """DeepSeek passes q_pe / k_pe as [T, H, D], not [T, H * D]: an idle rank sends T == 0 that way too."""
+    _rotate_both_layouts(maca_rotary(True), 0)
+
+
+def test_rotary_forward_on_per_head_layout(maca_rotary):
+    """[T, H, D] rotates exactly like [T, H * D] (the head count is not the last dim's)."""
+    q, q3 = _rotate_both_layouts(maca_rotary(True), 5)
+    assert not torch.equal(q3, q)  # it did rotate
+
+
 E, H, I, TOP_K, GROUP = 4, 64, 32, 2, 32
 
 
