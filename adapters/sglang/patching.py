@@ -281,6 +281,44 @@ SEEDED_HASH = _declare(
 )
 
 
+FLASHINFER_MLA_FLAG = _declare(
+    "sglang.srt.server_args.ServerArgs.add_cli_args",
+    why=(
+        "MetaX's guide launches DeepSeek-R1-Distill with `--enable-flashinfer-mla` (SGLang 0.4.x); "
+        "SGLang 0.5.x removed the flag (`--attention-backend flashinfer` replaced it), so the "
+        "guide's command line stopped at argument parsing ('unrecognized arguments')"
+    ),
+    how=(
+        "around-hook on the argument table: the flag is added back and means "
+        "`--attention-backend flashinfer` unless an attention backend was given before it; "
+        "on the maca platform flashinfer then maps to the 'maca' backend (MLA included) when "
+        "MetaX's flashinfer cannot serve this SGLang (platform.map_flashinfer_to_maca)"
+    ),
+    remove_when="MetaX's guide drops --enable-flashinfer-mla (or SGLang brings the flag back)",
+)
+
+
+def _with_flashinfer_mla_flag(original, parser, *args, **kwargs):
+    """ServerArgs.add_cli_args, then the guide's ``--enable-flashinfer-mla`` (SGLang 0.4.x) on top."""
+    import argparse
+
+    result = original(parser, *args, **kwargs)
+
+    class _FlashInferMLA(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            if getattr(namespace, "attention_backend", None) is None:
+                namespace.attention_backend = "flashinfer"
+            logger.info("--enable-flashinfer-mla (SGLang 0.4.x, as MetaX's guide types it) read as "
+                        "--attention-backend %s", namespace.attention_backend)
+
+    if "--enable-flashinfer-mla" not in parser._option_string_actions:
+        parser.add_argument("--enable-flashinfer-mla", nargs=0, action=_FlashInferMLA, dest="_maca_flashinfer_mla",
+                            default=argparse.SUPPRESS,
+                            help="SGLang 0.4.x flag (MetaX's guide): same as --attention-backend flashinfer "
+                                 "(on the maca device: the 'maca' backend, MLA included)")
+    return result
+
+
 def _murmur_hash32_torch(seed, positions, col_indices):
     from maca_infer.common.ops.sampling import murmur_hash32
 
@@ -309,6 +347,7 @@ def _apply_value(record: RuntimePatch, value_of: Callable) -> None:
 def register_device_fixes() -> None:
     """Apply the fixes every maca device needs (those not in effect yet): ``MacaSRTPlatform``'s set."""
     _apply_hook(ROPE_WRAPPER, _rope_on_maca)
+    _apply_hook(FLASHINFER_MLA_FLAG, _with_flashinfer_mla_flag)
 
 
 def register_emulated_device_fixes() -> None:

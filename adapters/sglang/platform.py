@@ -28,6 +28,7 @@ forwards come first and ``forward_native`` is the fallback.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -37,7 +38,7 @@ from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
 
 from maca_infer.common import envs
 from maca_infer.common.device import resolve
-from maca_infer.common.log import get_logger
+from maca_infer.common.log import get_logger, log_once
 
 logger = get_logger(__name__)
 
@@ -46,6 +47,52 @@ DISPATCH_KEY = "maca"
 # --max-total-tokens: SGLang sizes the pool from "free device memory", which on
 # a CPU host is the machine's RAM (the probe saw 72% of it taken).
 EMULATED_DEFAULT_MAX_TOTAL_TOKENS = 16384
+
+# MetaX's guide has users type `--attention-backend flashinfer` (and, for
+# DeepSeek, `--enable-flashinfer-mla`). SGLang 0.5.23's FlashInfer backend
+# needs flashinfer_python >= 0.7.2 (engine.py asserts it at start-up with a
+# "please reinstall" message); MetaX ships flashinfer 0.2.6+metax. When the
+# installed one cannot serve SGLang here, the maca backend runs instead.
+FLASHINFER_DIST = "flashinfer_python"
+FLASHINFER_MIN_VERSION = "0.7.2"
+ATTENTION_BACKEND_FIELDS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+
+
+def flashinfer_unusable_reason(emulated: bool) -> str | None:
+    """Why SGLang's flashinfer backend cannot run on this maca device (None: it can)."""
+    if emulated:
+        return "the emulated maca device has no GPU for flashinfer's kernels"
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    try:
+        installed = metadata.version(FLASHINFER_DIST)
+    except metadata.PackageNotFoundError:
+        return "MetaX's flashinfer is not installed"
+    if Version(installed).release < Version(FLASHINFER_MIN_VERSION).release:
+        return f"the installed flashinfer {installed} is older than the {FLASHINFER_MIN_VERSION} this SGLang needs"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as exc:  # a broken build fails in many ways
+        return f"flashinfer {installed} does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def map_flashinfer_to_maca(server_args, *, emulated: bool) -> list[str]:
+    """``--*attention-backend flashinfer`` -> ``maca`` when flashinfer cannot run here; returns the fields changed."""
+    asked = [f for f in ATTENTION_BACKEND_FIELDS if getattr(server_args, f, None) == "flashinfer"]
+    if not asked:
+        return []
+    reason = flashinfer_unusable_reason(emulated)
+    if reason is None:
+        return []
+    for name in asked:
+        setattr(server_args, name, "maca")
+    flags = ", ".join("--" + f.replace("_", "-") for f in asked)
+    log_once(logger, logging.WARNING, "%s flashinfer: %s; running maca-infer's 'maca' attention backend instead",
+             flags, reason)
+    return asked
 
 
 def _host_ram_bytes() -> int:
@@ -204,9 +251,11 @@ class MacaSRTPlatform(SRTPlatform):
     # -- lifecycle ---------------------------------------------------------------
 
     def apply_server_args_defaults(self, server_args) -> None:
-        """Defaults for flags the user left unset (never overrides a user's choice)."""
+        """Defaults for flags the user left unset (never overrides a user's choice, except
+        ``flashinfer`` where it cannot run: see :func:`map_flashinfer_to_maca`)."""
         if getattr(server_args, "attention_backend", None) is None:
             server_args.attention_backend = "maca"
+        map_flashinfer_to_maca(server_args, emulated=self.emulated)
 
     def init_backend(self) -> None:
         from maca_infer.adapters.sglang.plugin import register

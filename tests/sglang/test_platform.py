@@ -280,7 +280,8 @@ def test_sglang_hooks_are_undone_through_the_helper():
     patching.register_all(emulated=False)
     try:
         assert patching.hook_of(patching.ROPE_WRAPPER.target) is rope_hook
-        assert [r.target for r in patching.applied()] == [patching.ROPE_WRAPPER.target]
+        assert [r.target for r in patching.applied()] == [patching.ROPE_WRAPPER.target,
+                                                          patching.FLASHINFER_MLA_FLAG.target]
         rope_hook(get_rope_upstream, 64, device="cpu")
         assert seen[-1] is None
     finally:
