@@ -189,15 +189,18 @@ def test_mha_matches_torch_native_and_float64(page_size, mode, lens, dtype):
     torch.testing.assert_close(case.pools[0][1].k_buffer[0][written], case.new_k, atol=0, rtol=0)
 
 
-def test_gqa_sliding_window_and_softcap_match_float64():
+@pytest.mark.parametrize("mode,lens", [(ForwardMode.EXTEND, ([0, 20, 41], [12, 6, 3])),
+                                       (ForwardMode.DECODE, ([0, 20, 41, 130], [1, 1, 1, 1]))],
+                         ids=["extend", "decode"])
+def test_gqa_sliding_window_and_softcap_match_float64(mode, lens):
     """Windowed, soft-capped layer (Gemma-2 style): SGLang's window W shows W + 1 keys."""
-    prefix_lens, new_lens = [0, 20, 41], [12, 6, 3]
-    case = _mha_setup(16, torch.float32, prefix_lens, new_lens, ForwardMode.EXTEND, seed=7)
+    prefix_lens, new_lens = lens
+    case = _mha_setup(16, torch.float32, prefix_lens, new_lens, mode, seed=7)
     window, cap = 9, 5.0
     layer = RadixAttention(HQ, HEAD_DIM, HEAD_DIM ** -0.5, HK, layer_id=0, logit_cap=cap, sliding_window_size=window)
     case.layer = layer
     backend = MacaAttnBackend(_runner(case.pools[0]))
-    out = _run(backend, ForwardMode.EXTEND, case, case.batches[0]).view(-1, HQ, HEAD_DIM)
+    out = _run(backend, mode, case, case.batches[0]).view(-1, HQ, HEAD_DIM)
 
     start, group = 0, HQ // HK
     for b, (p, n) in enumerate(zip(prefix_lens, new_lens)):
