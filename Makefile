@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # ~1000x slower; passive waiting costs nothing on a real device.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast mutants bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test: install
 # Without the end-to-end servers: the quick loop while developing.
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing: each bug planted by tools/mutants.py, one at a time in a
+# scratch copy, must fail its fast tests (table of killed/survived; exit 1 if any
+# survives). MUTANTS_ARGS="--only NAME,..." for a few, "--list" to see them.
+MUTANTS_ARGS ?=
+mutants: install
+	$(PY) tools/mutants.py $(MUTANTS_ARGS)
 
 bench: install
 	$(PY) -m maca_infer.bench
