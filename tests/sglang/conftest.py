@@ -195,6 +195,30 @@ def hf_greedy(model_path, prompts_ids: list[list[int]], max_new_tokens: int, dty
     return outs
 
 
+def hf_greedy_with_logits(model_path, prompts_ids: list[list[int]], max_new_tokens: int, dtype="float32"):
+    """Hugging Face greedy tokens and each step's next-token logits ``[steps, vocab]`` (for ``check_greedy_agreement``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype))
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts_ids:
+            inp = torch.tensor([ids])
+            gen = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
+                                 do_sample=False, min_new_tokens=max_new_tokens, output_scores=True,
+                                 return_dict_in_generate=True)
+            logits = torch.stack([step[0] for step in gen.scores]).float()
+            outs.append((gen.sequences[0, len(ids):].tolist(), logits))
+    return outs
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_with_logits_fn():
+    return hf_greedy_with_logits
+
+
 @pytest.fixture(scope="session")
 def sglang_launcher():
     """``launch_server`` as a fixture (test modules never import conftest)."""

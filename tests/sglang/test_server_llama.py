@@ -64,15 +64,29 @@ def test_platform_and_backend_are_ours(server):
     assert "attention backend 'maca'" in log
 
 
-def test_generate_batch_matches_hf_greedy(server, model_path, tokenizer, hf_greedy_fn):
+def test_generate_batch_matches_hf_greedy(server, model_path, tokenizer, hf_greedy_with_logits_fn):
+    """The bfloat16 server's batch against HF greedy in float32, step by step.
+
+    A step may part only where float32 HF itself is undecided (top-2 margin
+    under ``check_greedy_agreement``'s tie margin) and the server picked one
+    of HF's near-top tokens; nothing after that step is compared. (Seen:
+    "def fibonacci(n):" has a first-step float32 margin of 0.012, where
+    bfloat16 rounding alone picks either token.) Most prompts must still
+    match on every step, so the check stays sharp.
+    """
+    from maca_infer.modelzoo import check_greedy_agreement
+
     prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
     out = server.post("/generate", {
         "input_ids": prompts_ids,
         "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
     })
     got = [o["output_ids"] for o in out]
-    expected = hf_greedy_fn(model_path, prompts_ids, MAX_NEW)
-    assert got == expected
+    reference = hf_greedy_with_logits_fn(model_path, prompts_ids, MAX_NEW)
+    agreements = [check_greedy_agreement(tokens, logits, candidate)
+                  for (tokens, logits), candidate in zip(reference, got)]
+    fully_equal = sum(a.matched == MAX_NEW for a in agreements)
+    assert fully_equal >= len(PROMPTS) - 1, f"{agreements}: only {fully_equal} of {len(PROMPTS)} prompts fully equal"
 
 
 def test_cached_prefix_extend_gives_same_tokens(server, tokenizer):
