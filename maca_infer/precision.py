@@ -274,6 +274,15 @@ def _enable_kernels(model, notes: list[str]) -> None:
         notes.append(f"{model_type}: no kernels of the HF adapter apply; the candidate runs the stock model")
 
 
+def _disable_kernels(model) -> None:
+    from maca_infer.adapters.hf import transformers_kernels
+
+    if transformers_kernels.is_enabled(model):
+        import maca_infer.adapters.hf as maca_hf
+
+        maca_hf.disable(model)
+
+
 def _stock_experts_loop(model) -> None:
     """Routed experts of the baseline through Transformers' per-expert loop: its grouped_mm takes no float64."""
     from maca_infer.adapters.hf import transformers_experts
@@ -536,40 +545,44 @@ def check(model: str, *, impl: str = "auto", dtype: str = "bfloat16", metric: st
         _stock_experts_loop(baseline)
         candidate = _load(path, getattr(torch, dtype), device_map=maca_hf.device_map())
         _enable_kernels(candidate, notes)
-        if candidate_hook is not None:
-            with torch.no_grad():
-                candidate_hook(candidate)
-        report = Report(
-            model=str(path), dtype=dtype, impl=impl, device=str(device),
-            baseline=f"stock Transformers, {'float32' if baseline_float32 else 'float64'}, cpu",
-            metric=metric, thresholds=asdict(limits) | {"cosine": limits.cosine}, tokens=0,
-            mode="named" if layers else "full", notes=notes,
-        )
-        input_ids = _input_ids(path, baseline.config, prompt, tokens, seed)
-        report.tokens = int(input_ids.shape[1])
-        if layers:
-            known = known_names(baseline)
-            for name in layers:
-                if name not in known:
-                    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-                    hint = f"; close matches: {', '.join(close)}" if close else "; none is close (see --list)"
-                    raise PrecisionError(f"--layers: no module named {name!r} in {path.name}{hint}")
-            wanted = list(dict.fromkeys(layers + [LOGITS]))
-        else:
-            wanted = capturable(baseline)
-        # one pass that keeps nothing but the order, then the logits
-        order = Capture(baseline, set(wanted), store=False).run(input_ids).order
-        report.logits = _compare_batch(baseline, candidate, input_ids, [LOGITS], metric, limits)[0]
-        inner = [name for name in order if name != LOGITS]
-        if layers or all_layers or not report.logits.passed:
-            report.walked = True
-            step = batch or len(inner) or 1
-            for start in range(0, len(inner), step):
-                report.points += _compare_batch(baseline, candidate, input_ids, inner[start:start + step],
-                                                metric, limits)
-            report.first_divergent = first_divergent(report.points + [report.logits], limits)
-        if generate:
-            report.generation = _generate(baseline, candidate, input_ids, generate, limits)
+        try:
+            if candidate_hook is not None:
+                with torch.no_grad():
+                    candidate_hook(candidate)
+            report = Report(
+                model=str(path), dtype=dtype, impl=impl, device=str(device),
+                baseline=f"stock Transformers, {'float32' if baseline_float32 else 'float64'}, cpu",
+                metric=metric, thresholds=asdict(limits) | {"cosine": limits.cosine}, tokens=0,
+                mode="named" if layers else "full", notes=notes,
+            )
+            input_ids = _input_ids(path, baseline.config, prompt, tokens, seed)
+            report.tokens = int(input_ids.shape[1])
+            if layers:
+                known = known_names(baseline)
+                for name in layers:
+                    if name not in known:
+                        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+                        hint = f"; close matches: {', '.join(close)}" if close else "; none is close (see --list)"
+                        raise PrecisionError(f"--layers: no module named {name!r} in {path.name}{hint}")
+                wanted = list(dict.fromkeys(layers + [LOGITS]))
+            else:
+                wanted = capturable(baseline)
+            # one pass that keeps nothing but the order, then the logits
+            order = Capture(baseline, set(wanted), store=False).run(input_ids).order
+            report.logits = _compare_batch(baseline, candidate, input_ids, [LOGITS], metric, limits)[0]
+            inner = [name for name in order if name != LOGITS]
+            if layers or all_layers or not report.logits.passed:
+                report.walked = True
+                step = batch or len(inner) or 1
+                for start in range(0, len(inner), step):
+                    report.points += _compare_batch(baseline, candidate, input_ids, inner[start:start + step],
+                                                    metric, limits)
+                report.first_divergent = first_divergent(report.points + [report.logits], limits)
+            if generate:
+                report.generation = _generate(baseline, candidate, input_ids, generate, limits)
+        finally:
+            # the enabled modeling modules are process-wide (rotary patch): leave none behind
+            _disable_kernels(candidate)
     return report
 
 
