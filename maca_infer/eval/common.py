@@ -111,7 +111,11 @@ class Client:
         return data[0]["id"]
 
     def complete(self, prompt: str, max_tokens: int = 4, logprobs: int | None = 5) -> tuple[str, list | None]:
-        payload = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        # ignore_eos (LMDeploy / SGLang / vLLM extension): a model whose likeliest first token ends the
+        # text (an instruct model after "Answer:") would otherwise return no token and no logprobs,
+        # hiding its A-D choice
+        payload = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                   "ignore_eos": True}
         if logprobs:
             payload["logprobs"] = logprobs
         last: Exception | None = None
