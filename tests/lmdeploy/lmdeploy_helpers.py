@@ -13,10 +13,12 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 
-# Logit distance within which two float implementations may legitimately pick
-# different tokens (bf16/fp16 weights and activations vs float32 HF). Outside a
-# near-tie every token must be HF's argmax.
-TIE_TOLERANCE = {"float16": 0.3, "bfloat16": 0.6}
+# A run may part from HF's float32 greedy run only where HF itself was
+# undecided: at the first differing step, HF's own top-1 minus top-2 logit
+# (float32, on the same prefix: the runs agreed up to there) is below this, and
+# the run's token is within it of HF's top. About 2-3x the logit error of
+# fp16/bf16 runs of the tiny models; nothing after the first difference counts.
+TIE_TOLERANCE = {"float16": 0.15, "bfloat16": 0.4}
 
 # Mixed lengths; the longest spans several 16-token blocks before generation starts.
 PROMPTS = [
@@ -48,44 +50,42 @@ def hf_reference(model_dir: str, prompts: list[str], max_new_tokens: int = 0, ch
 
 @dataclass
 class ParityReport:
-    exact_steps: int
-    near_tie_steps: int
+    compared_steps: int  # steps compared over all sequences (each up to its first difference, inclusive)
     total_steps: int
     greedy_prefix: list[int]  # per sequence: tokens equal to HF generate before the first difference
+    excused: list[str]  # the differences allowed at HF's own near-ties: "prompt b step t margin m"
 
 
 def assert_greedy_parity(model_dir: str, prompts: list[str], prompt_ids: list[list[int]],
                          outputs: list[list[int]], dtype: str) -> ParityReport:
-    """Every generated token is HF's float32 greedy choice given the same context, except at
-    near-ties (top logits within TIE_TOLERANCE[dtype]); and each output equals HF ``generate``
-    token for token up to the first near-tie of HF's own run."""
+    """Each output equals HF float32 ``generate`` token for token up to its first difference, and
+    that difference is excused only where HF's own top-2 margin at that step (float32, same prefix)
+    is below TIE_TOLERANCE[dtype] and the output's token is within that distance of HF's top logit.
+    Nothing after the first difference is compared (the prefixes differ from there on)."""
     tol = TIE_TOLERANCE[dtype]
     n = max(len(o) for o in outputs)
     ref = hf_reference(model_dir, prompts, n, check=list(zip(prompt_ids, outputs)))
     assert ref["prompt_ids"] == prompt_ids, "LMDeploy and HF tokenized the prompts differently"
-    exact = ties = total = 0
-    prefixes = []
-    for b, (rows, out) in enumerate(zip(ref["teacher"], outputs)):
-        for i, (chosen, best, best_token) in enumerate(rows):
-            total += 1
-            if out[i] == best_token:
-                exact += 1
-                continue
-            assert best - chosen <= tol, (
-                f"prompt {b} step {i}: LMDeploy picked {out[i]} (logit {chosen:.3f}) but HF's argmax is "
-                f"{best_token} (logit {best:.3f}); gap {best - chosen:.3f} > tie tolerance {tol}"
-            )
-            ties += 1
-        greedy, margins = ref["greedy"][b], ref["margins"][b]
-        first_tie = next((i for i, m in enumerate(margins) if m < tol), len(margins))
-        prefix = next((i for i in range(min(len(out), len(greedy))) if out[i] != greedy[i]), min(len(out), len(greedy)))
-        assert prefix >= min(first_tie, len(out)), (
-            f"prompt {b}: LMDeploy differs from HF generate at step {prefix}, before HF's first near-tie "
-            f"(step {first_tie}); lmdeploy={out[:prefix + 1]} hf={greedy[:prefix + 1]}"
-        )
+    compared = total = 0
+    prefixes, excused = [], []
+    for b, out in enumerate(outputs):
+        greedy, margins, teacher = ref["greedy"][b], ref["margins"][b], ref["teacher"][b]
+        steps = min(len(out), len(greedy))
+        total += steps
+        prefix = next((i for i in range(steps) if out[i] != greedy[i]), steps)
         prefixes.append(prefix)
-    assert exact >= 0.9 * total, f"only {exact}/{total} steps were HF's exact argmax"
-    return ParityReport(exact, ties, total, prefixes)
+        compared += min(prefix + 1, steps)
+        if prefix == steps:
+            continue
+        chosen, best, _ = teacher[prefix]  # HF's logits at the shared prefix, from the teacher-forced pass
+        margin = margins[prefix]
+        assert margin < tol and best - chosen < tol, (
+            f"prompt {b} step {prefix}: LMDeploy picked {out[prefix]} but HF's greedy token is {greedy[prefix]}; "
+            f"HF was decided there (its float32 top-2 margin {margin:.3f}, LMDeploy's token {best - chosen:.3f} "
+            f"below the top; tie tolerance {tol}); lmdeploy={out[:prefix + 1]} hf={greedy[:prefix + 1]}"
+        )
+        excused.append(f"prompt {b} step {prefix} margin {margin:.3f}")
+    return ParityReport(compared, total, prefixes, excused)
 
 
 def free_port() -> int:
