@@ -91,7 +91,7 @@ def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensor
             raise RuntimeError(f"{op}: no Triton kernel exists for this op; only the reference")
         impl = REFERENCE
     if empty:
-        _last[op] = impl
+        _record(op, impl)
         return None
     if impl == TRITON:
         try:
@@ -104,10 +104,17 @@ def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensor
                      op, type(exc).__name__, exc)
             impl = REFERENCE
         else:
-            _last[op] = TRITON
+            _record(op, TRITON)
             return out
-    _last[op] = REFERENCE
+    _record(op, REFERENCE)
     return reference_fn(*args, **kwargs)
+
+
+def _record(op: str, impl: str) -> None:
+    # which tier served an op, one debug line per change (MACA_INFER_LOG_LEVEL=debug shows it in servers)
+    if _last.get(op) != impl:
+        logger.debug("%s runs on %s", op, impl)
+    _last[op] = impl
 
 
 def last_impl(op: str) -> str | None:
