@@ -50,7 +50,8 @@ def model_dir():
 def ref(model_dir):
     proc = subprocess.run([sys.executable, str(TESTS / "hf_real_model.py")],
                           input=json.dumps({"model": model_dir, "preset": "smollm2"}),
-                          capture_output=True, text=True, env=clean_env(), timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env=clean_env(MACA_INFER_MODEL_CACHE=os.environ.get("MACA_INFER_MODEL_CACHE", "")))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
