@@ -171,6 +171,7 @@ from triton.runtime import driver
 # lazy_jit.jitted(interpret=False) decorates kernels with the variable briefly back at 0
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MACA_INFER_OPS_IMPL"] = "triton"
+os.environ["MACA_INFER_TRITON_BRANCH"] = "device"  # build what a card runs: device tiles, fp16/bf16 tl.dot
 
 class CompileOnlyDriver:  # the slice of the active driver that compilation consults
     def get_current_device(self): return 0
