@@ -23,9 +23,9 @@ from maca_infer.common.ops import _dispatch, _jit
 
 DTYPES = (torch.bfloat16, torch.float32)
 
-# int4 weight helpers: no implementation tiers (plain torch), no dispatch
+# int4 weight helpers and the seeded-sampling twins: no implementation tiers (plain torch), no dispatch
 NOT_DISPATCHED = {"pack_int4", "unpack_int4", "int32_to_uint8_packing", "dequant_w4a16", "awq_to_w4a16",
-                  "gptq_to_w4a16"}
+                  "gptq_to_w4a16", "murmur_hash32", "philox_uniform", "seeded_multinomial"}
 
 EMPTY_CASES = {}
 
@@ -304,6 +304,26 @@ def _gptq_to_w4a16(dtype):
     expect(qweight, (0, HIDDEN // 2), torch.uint8)
     expect(scales, (0, HIDDEN // GROUP), dtype)
     expect(zeros, (0, HIDDEN // GROUP), torch.uint8)
+
+
+# ---------------------------------------------------------------- seeded sampling (no requests in the batch)
+
+@covers("murmur_hash32")
+def _murmur_hash32(dtype):
+    none = torch.empty(0, dtype=torch.int64)
+    expect(ops.murmur_hash32(none, none, torch.arange(5)), (0, 5), torch.int64)
+
+
+@covers("philox_uniform")
+def _philox_uniform(dtype):
+    none = torch.empty(0, dtype=torch.int64)
+    expect(ops.philox_uniform(none, none), (0,), torch.float32)
+
+
+@covers("seeded_multinomial")
+def _seeded_multinomial(dtype):
+    none = torch.empty(0, dtype=torch.int64)
+    expect(ops.seeded_multinomial(no_tokens(0, 16, dtype=dtype), none, none), (0,), torch.int64)
 
 
 # ---------------------------------------------------------------- tests
