@@ -1,0 +1,78 @@
+"""A real trained model through the HF adapter: SmolLM2-135M-Instruct with ``enable()`` vs stock Hugging Face.
+
+``maca_infer.adapters.hf.enable(model)`` swaps our RMSNorm, gated MLP,
+rotary and attention (``attn_implementation="maca"``) into the model zoo's
+``smollm2`` on the maca device (emulated here). In float32, as the reference
+(tests/hf_real_model.py, stock transformers in a clean process, shared and
+cached with the LMDeploy / SGLang modules): greedy ids of prompts of 34-54
+tokens plus 16 new tokens must equal HF's exactly, and so must the chat answer
+to "What is the capital of France?". Our ops must be the ones computing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from maca_infer.modelzoo import get
+
+    return str(get("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MACA_INFER_")}  # stock torch on the CPU
+    env.update(OMP_NUM_THREADS="1", MACA_INFER_MODEL_CACHE=os.environ.get("MACA_INFER_MODEL_CACHE", ""))
+    proc = subprocess.run([sys.executable, str(TESTS / "hf_real_model.py")],
+                          input=json.dumps({"model": model_dir, "preset": "smollm2"}),
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_enable_on_smollm2_equals_hf_greedy(model_dir, ref, op_calls):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import maca_infer.adapters.hf as maca_hf
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 device_map=maca_hf.device_map()).eval()
+    maca_hf.enable(model)
+    try:
+        assert model.config._attn_implementation == "maca"
+        n = ref["request"]["max_new_tokens"]
+        got = []
+        with torch.no_grad():
+            for ids in ref["prompt_ids"]:
+                inp = torch.tensor([ids], device=model.device)
+                out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+                got.append(out[0, len(ids):].tolist())
+            chat = tok.apply_chat_template([{"role": "user", "content": ref["request"]["chats"][0]}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)
+            inp = torch.tensor([chat["input_ids"]], device=model.device)
+            answer = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, do_sample=False,
+                                    pad_token_id=0)
+        assert got == ref["greedy"]
+        assert tok.decode(answer[0, inp.shape[1]:], skip_special_tokens=True) == ref["chat"][0]
+        assert ref["chat"][0] == "The capital of France is Paris."
+        for op in ("rms_norm", "apply_rotary", "varlen_attention", "silu_and_mul"):
+            assert op_calls[op] > 0, f"{op} did not run"
+    finally:
+        maca_hf.disable(model)
