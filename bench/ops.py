@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from maca_infer.common import envs
+from maca_infer.common.ops import _dispatch
 
 BF16 = 2  # bytes per element of the activations/weights in every case
 
@@ -455,16 +456,30 @@ def run(args: argparse.Namespace) -> int:
                                                                   args.layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(cases, bw, rate, device_name, host)
+    md = markdown(cases, bw, rate, device_name, host) + tiers_markdown()
     (out / "ops.md").write_text(md)
     plot(cases, bw, rate, out / "ops.png")
     (out / "ops.json").write_text(json.dumps({
         "device": device_name, "peak_bandwidth_Bps": bw, "peak_flops": rate, "host": host,
         "cases": [{"op": c.op, "model": c.model, "shape": c.shape, "bytes": c.bytes, "flops": c.flops,
-                   "floor_s": c.floor_s(bw, rate), "measured_s": c.measured_s} for c in cases]}, indent=2))
+                   "floor_s": c.floor_s(bw, rate), "measured_s": c.measured_s} for c in cases],
+        "tiers": _dispatch.tiers(), "fallbacks": _dispatch.fallbacks()}, indent=2))
     print(md)
     print(f"wrote {out / 'ops.md'}, {out / 'ops.png'}, {out / 'ops.json'}")
     return 0
+
+
+def tiers_markdown() -> str:
+    """Which tier (triton / reference) served each op measured here, and every fallback that happened."""
+    tiers, fallbacks = _dispatch.tiers(), _dispatch.fallbacks()
+    if not tiers and not fallbacks:
+        return ""
+    lines = ["", "## Tiers", "", "| op | tier |", "|---|---|"]
+    lines += [f"| {op} | {tier} |" for op, tier in tiers.items()]
+    if fallbacks:
+        lines += ["", "**Fallbacks to the torch reference (MACA_INFER_OPS_FALLBACK=1):**", ""]
+        lines += [f"- {f['op']}: {f['reason']} (inputs {f['shapes']})" for f in fallbacks]
+    return "\n".join(lines) + "\n"
 
 
 def _emulated() -> bool:

@@ -32,6 +32,12 @@ VARIABLES: dict[str, tuple[tuple[str, ...] | None, str, str]] = {
         "auto",
         "force an op implementation; an explicit one that cannot run raises",
     ),
+    "MACA_INFER_OPS_FALLBACK": (
+        ("0", "1"),
+        "0",
+        "on a device (MetaX or a CUDA stand-in): 1 lets an op whose auto-picked Triton kernel fails run "
+        "the torch reference (10-100x slower) with a WARNING; 0 raises with the op, shapes and cause",
+    ),
     "MACA_INFER_EMU_MEMORY_GB": (
         None,
         "",
@@ -106,6 +112,11 @@ def device_override() -> str:
 
 def ops_impl() -> str:
     return get("MACA_INFER_OPS_IMPL")
+
+
+def ops_fallback_allowed() -> bool:
+    """MACA_INFER_OPS_FALLBACK=1: a failing auto-picked kernel on a device may fall back to the reference."""
+    return get("MACA_INFER_OPS_FALLBACK") == "1"
 
 
 def log_level() -> str:

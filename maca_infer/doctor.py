@@ -228,6 +228,28 @@ def _runtime_patches_section() -> list[dict[str, Any]]:
     return list(counts.values())
 
 
+def _ops_section(kind: str | None) -> dict[str, Any]:
+    """Which tier the ops run on here, the launch table, and every kernel failure that fell back."""
+    from maca_infer.common import envs
+    from maca_infer.common.ops import _dispatch, _launch
+
+    forced = envs.ops_impl()
+    if forced != "auto":
+        tier = forced
+    elif kind in ("maca", "cuda-standin"):
+        tier = "triton" if _dispatch.triton_available() else "reference (triton is not importable)"
+    else:
+        tier = "reference"
+    return {
+        "impl": forced,
+        "tier": tier,
+        "fallback_allowed": envs.ops_fallback_allowed(),
+        "launch_family": _launch.family() if kind else None,
+        "ran": _dispatch.tiers(),  # op -> tier, for the ops this process ran
+        "fallbacks": _dispatch.fallbacks(),
+    }
+
+
 def collect(graph_mode: bool = False) -> dict[str, Any]:
     """Everything the doctor reports, as one JSON-able dict."""
     problems: list[dict] = []
@@ -239,6 +261,7 @@ def collect(graph_mode: bool = False) -> dict[str, Any]:
     report["adapters"] = _adapters_section()
     # beside the emulation's count: every owner's declared / applied runtime patches
     report["device"]["runtime_patches_by_owner"] = _runtime_patches_section()
+    report["device"]["ops"] = _ops_section(kind)
     report["problems"] = problems
     report["ok"] = not any(p["required"] for p in problems)
     return report
@@ -301,6 +324,16 @@ def render(report: dict[str, Any]) -> str:
         ["owner", "declared", "applied in this process"],
         [[r["owner"], r["declared"], r["applied_here"]] for r in report["device"]["runtime_patches_by_owner"]],
     ))
+    ops = device.get("ops")
+    if ops:
+        parts.append("\n== ops ==")
+        rows = [["tier (MACA_INFER_OPS_IMPL=" + ops["impl"] + ")", ops["tier"]],
+                ["launch table", ops["launch_family"] or "-"],
+                ["fallback to reference", "allowed (MACA_INFER_OPS_FALLBACK=1)" if ops["fallback_allowed"]
+                 else "off on a device: a failing kernel raises (MACA_INFER_OPS_FALLBACK=1 allows it)"]]
+        rows += [[f"ran: {op}", tier] for op, tier in ops["ran"].items()]
+        rows += [[f"FELL BACK: {f['op']}", f"{f['reason']} [{f['shapes']}]"] for f in ops["fallbacks"]]
+        parts.append(_table(["item", "value"], rows))
     if report["problems"]:
         parts.append("\n== problems ==")
         parts.append(_table(

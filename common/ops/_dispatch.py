@@ -8,7 +8,12 @@ Rules (one for every op):
 - ``auto`` (default): the Triton kernel when the tensors live on a device
   (real MACA or a CUDA stand-in) and triton imports; the reference otherwise
   (the emulated maca device). If an auto-picked kernel fails to build or
-  launch, the reference runs instead and one log line says so.
+  launch on a device, that is an error naming the op, the input shapes and
+  the cause: a silent switch to the reference is a 10-100x slowdown nobody
+  sees. ``MACA_INFER_OPS_FALLBACK=1`` allows the switch: the reference runs,
+  with one WARNING per op and reason, and the op stays on the reference.
+  On the emulated device (no accelerator) a failing kernel still falls back
+  with a log line, as before.
 
 Empty batches (zero tokens or sequences: an idle SGLang DP-attention rank,
 padding) go through the same selection but run neither implementation:
@@ -18,7 +23,9 @@ reduce over nothing; each public op instead returns its empty outputs itself,
 after validating its inputs as for any batch.
 
 ``last_impl(op)`` tells which implementation ran (or was chosen, for an empty
-batch) last for an op (tests and the doctor read it).
+batch) last for an op, ``tiers()`` the same for every op that ran, and
+``fallbacks()`` every kernel failure that fell back to the reference (the
+doctor and ``bench ops`` show both).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ TRITON = "triton"
 
 _last: dict[str, str] = {}
 _broken: set[str] = set()  # ops whose auto-picked kernel failed once
+_fallbacks: list[dict[str, str]] = []  # {"op", "reason", "shapes", "device"}, one per (op, reason)
 
 
 def triton_available() -> bool:
@@ -96,18 +104,58 @@ def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensor
     if impl == TRITON:
         try:
             out = triton_fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - auto mode falls back, explicit re-raises
+        except Exception as exc:  # noqa: BLE001 - auto mode may fall back (see module doc), explicit re-raises
             if envs.ops_impl() == TRITON:
                 raise
-            _broken.add(op)
-            log_once(logger, logging.WARNING, "%s: Triton kernel failed (%s: %s); the torch reference runs instead",
-                     op, type(exc).__name__, exc)
+            _fall_back_or_raise(op, tensors, exc)
             impl = REFERENCE
         else:
             _record(op, TRITON)
             return out
     _record(op, REFERENCE)
     return reference_fn(*args, **kwargs)
+
+
+def _describe_inputs(tensors) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+                     for t in tensors if isinstance(t, torch.Tensor)) or "no tensors"
+
+
+def _device_kind() -> str:
+    from maca_infer.common.device import detect
+
+    try:
+        return detect.resolve().kind
+    except (RuntimeError, ValueError):  # a misconfigured device: treat it as a device (strict)
+        return "unresolved"
+
+
+def _fall_back_or_raise(op: str, tensors, exc: Exception) -> None:
+    """An auto-picked kernel failed: raise on a device unless allowed; else record and warn."""
+    reason = f"{type(exc).__name__}: {exc}"
+    shapes = _describe_inputs(tensors)
+    kind = _device_kind()
+    if kind != "emulated" and not envs.ops_fallback_allowed():
+        raise RuntimeError(
+            f"{op}: the Triton kernel failed on inputs [{shapes}] ({kind} device): {reason}. "
+            "Set MACA_INFER_OPS_FALLBACK=1 to run the torch reference instead (10-100x slower), "
+            "or MACA_INFER_OPS_IMPL=reference for every op"
+        ) from exc
+    _broken.add(op)
+    if not any(f["op"] == op and f["reason"] == reason for f in _fallbacks):
+        _fallbacks.append({"op": op, "reason": reason, "shapes": shapes, "device": kind})
+    log_once(logger, logging.WARNING, "%s: Triton kernel failed (%s); the torch reference runs instead%s",
+             op, reason, "" if kind == "emulated" else " (MACA_INFER_OPS_FALLBACK=1)")
+
+
+def fallbacks() -> list[dict[str, str]]:
+    """Every auto-picked kernel failure that fell back to the reference in this process (copies)."""
+    return [dict(f) for f in _fallbacks]
+
+
+def tiers() -> dict[str, str]:
+    """op -> the implementation that served it last, for every op that ran in this process."""
+    return dict(sorted(_last.items()))
 
 
 def _record(op: str, impl: str) -> None:

@@ -157,3 +157,22 @@ def test_doctor_tells_knobs_it_set_from_the_users(fake_maca_host, monkeypatch):
     assert rows["MACA_SMALL_PAGESIZE_ENABLE"]["status"] == "set by maca-infer"
     assert rows["PYTORCH_ENABLE_PG_HIGH_PRIORITY_STREAM"]["status"] == "set by the user"
     assert device_env.applied_env()["MACA_SMALL_PAGESIZE_ENABLE"] == "1"
+
+
+def test_doctor_shows_the_ops_tier_and_every_fallback(fake_maca_host, monkeypatch):
+    from maca_infer.common.ops import _dispatch
+
+    monkeypatch.delenv("MACA_INFER_OPS_IMPL", raising=False)
+    monkeypatch.delenv("MACA_INFER_OPS_FALLBACK", raising=False)
+    monkeypatch.setattr(_dispatch, "_last", {"rms_norm": "reference", "silu_and_mul": "triton"})
+    monkeypatch.setattr(_dispatch, "_fallbacks", [{"op": "rms_norm", "reason": "RuntimeError: planted",
+                                                   "shapes": "(3, 64) float16 on cuda:0", "device": "maca"}])
+    ops = doctor.collect()["device"]["ops"]
+    assert ops["tier"] == ("triton" if _dispatch.triton_available() else "reference (triton is not importable)")
+    assert ops["launch_family"] == "MXC500" and ops["fallback_allowed"] is False
+    assert ops["ran"] == {"rms_norm": "reference", "silu_and_mul": "triton"}
+    assert [f["op"] for f in ops["fallbacks"]] == ["rms_norm"]
+    text = doctor.render(doctor.collect())
+    assert "FELL BACK: rms_norm" in text and "RuntimeError: planted" in text and "ran: silu_and_mul" in text
+    monkeypatch.setenv("MACA_INFER_OPS_FALLBACK", "1")
+    assert doctor.collect()["device"]["ops"]["fallback_allowed"] is True

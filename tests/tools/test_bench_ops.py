@@ -51,3 +51,17 @@ def test_report_files(tmp_path):
     assert all(c["floor_s"] > 0 for c in data["cases"])
     assert (tmp_path / "ops.md").read_text().count("\n| ") >= len(data["cases"])
     assert (tmp_path / "ops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiers_and_fallbacks_are_in_the_report(monkeypatch):
+    from maca_infer.common.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_last", {})
+    monkeypatch.setattr(_dispatch, "_fallbacks", [])
+    assert bench.tiers_markdown() == ""  # nothing ran in this process (host figures run in a subprocess)
+    monkeypatch.setattr(_dispatch, "_last", {"rms_norm": "reference", "silu_and_mul": "triton"})
+    monkeypatch.setattr(_dispatch, "_fallbacks", [{"op": "rms_norm", "reason": "RuntimeError: planted",
+                                                   "shapes": "(3, 64) float16 on cuda:0", "device": "maca"}])
+    text = bench.tiers_markdown()
+    assert "| rms_norm | reference |" in text and "| silu_and_mul | triton |" in text
+    assert "- rms_norm: RuntimeError: planted (inputs (3, 64) float16 on cuda:0)" in text
