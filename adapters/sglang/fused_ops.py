@@ -1,4 +1,4 @@
-"""OOT forwards for SGLang's fused ops (RMSNorm, SiLU-and-mul, rotary, unquantized MoE), routed to maca_infer.common.ops.
+"""OOT forwards for SGLang's fused ops (RMSNorm, SiLU-and-mul, rotary, MoE experts, noaux_tc top-k), routed to maca_infer.common.ops.
 
 SGLang's ``BaseFusedOp`` dispatch (``sglang.kernels.fused_op``) tries, in
 order: a forward registered with ``register_oot_forward`` for the platform's
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+
+import torch
 
 from maca_infer.common import ops
 from maca_infer.common.log import get_logger, log_once
@@ -101,6 +103,64 @@ def _unquantized_moe_forward(self, layer, dispatch_output):
     return StandardCombineInput(hidden_states=out)
 
 
+def _noaux_tc_routing(self, router_logits, dynamic_expert_bias, router_logits_partials, dispatch_info) -> bool:
+    """DeepSeek-V3's noaux_tc router (sigmoid, grouped top-k steered by e_score_correction_bias), with none of
+    the extras our op does not model: custom routing, fused shared-expert slots, EPLB remapping, per-token
+    bias, split router partials, other scorings or output formats, SGLang's simulated routings."""
+    from sglang.srt.environ import envs
+    from sglang.srt.layers.moe.topk import TopKOutputFormat
+
+    cfg = self.topk_config
+    return (
+        cfg.use_grouped_topk
+        and cfg.correction_bias is not None
+        and cfg.scoring_func == "sigmoid"
+        and cfg.custom_routing_function is None
+        and cfg.num_shared_topk_slots == 0
+        and not cfg.sqrtsoftplus_log1p
+        and cfg.output_format in (None, TopKOutputFormat.STANDARD)
+        and dynamic_expert_bias is None
+        and router_logits_partials is None
+        and dispatch_info is None
+        and router_logits.dim() == 2
+        and not envs.SGLANG_SIMULATE_UNIFORM_EXPERTS.get()
+        and not envs.SGLANG_SIMULATE_ROUND_ROBIN_EXPERTS.get()
+    )
+
+
+def _topk_forward(self, hidden_states, router_logits, *, num_token_non_padded=None,
+                  expert_location_dispatch_info=None, dynamic_expert_bias=None, router_logits_partials=None):
+    """TopK.forward: DeepSeek-V3 noaux_tc routing through ops.moe_grouped_topk; every other routing is SGLang's.
+
+    router_logits [T, E]; ``topk_config``: top_k, num_expert_group, topk_group,
+    renormalize, correction_bias [E], routed_scaling_factor (applied here only
+    when SGLang folds it into the top-k weights). Returns SGLang's
+    StandardTopKOutput: weights [T, k] float32, ids [T, k] int32 (-1 on
+    CUDA-graph padding rows, as SGLang's CPU path).
+    """
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    num_token_non_padded_r, dispatch_info = self._resolve_routing_inputs(
+        num_token_non_padded, expert_location_dispatch_info)
+    if not _noaux_tc_routing(self, router_logits, dynamic_expert_bias, router_logits_partials, dispatch_info):
+        return self.forward_native(hidden_states, router_logits, num_token_non_padded=num_token_non_padded,
+                                   expert_location_dispatch_info=expert_location_dispatch_info,
+                                   dynamic_expert_bias=dynamic_expert_bias,
+                                   router_logits_partials=router_logits_partials)
+    cfg = self.topk_config
+    scaling = cfg.routed_scaling_factor if cfg.apply_routed_scaling_factor_on_output else 1.0
+    log_once(logger, logging.INFO, "MoE noaux_tc routing runs maca_infer moe_grouped_topk")
+    weights, ids = ops.moe_grouped_topk(
+        router_logits, cfg.top_k, num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group,
+        renormalize=cfg.renormalize, scoring="sigmoid", correction_bias=cfg.correction_bias,
+        routed_scaling_factor=float(scaling if scaling is not None else 1.0),
+    )
+    if num_token_non_padded_r is not None:  # rows past the real tokens route nowhere
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        ids.masked_fill_((rows >= num_token_non_padded_r)[:, None], -1)
+    return self._apply_waterfill(StandardTopKOutput(weights, ids, router_logits), hidden_states.shape[0])
+
+
 def register_fused_op_forwards(dispatch_key: str) -> None:
     """Register our forwards for ``dispatch_key`` (idempotent)."""
     global _registered
@@ -109,6 +169,7 @@ def register_fused_op_forwards(dispatch_key: str) -> None:
     from sglang.kernels.fused_op import BaseFusedOp
     from sglang.srt.layers.activation import SiluAndMul
     from sglang.srt.layers.layernorm import RMSNorm
+    from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
@@ -116,4 +177,5 @@ def register_fused_op_forwards(dispatch_key: str) -> None:
     BaseFusedOp.register_oot_forward(SiluAndMul, _silu_and_mul_forward, dispatch_key)
     BaseFusedOp.register_oot_forward(RotaryEmbedding, _rotary_forward, dispatch_key)
     BaseFusedOp.register_oot_forward(UnquantizedFusedMoEMethod, _unquantized_moe_forward, dispatch_key)
+    BaseFusedOp.register_oot_forward(TopK, _topk_forward, dispatch_key)
     _registered = True
