@@ -41,6 +41,13 @@ _EXPORTS = {
     "awq_to_w4a16": "quant",
     "gptq_to_w4a16": "quant",
     "int32_to_uint8_packing": "quant",
+    # int8 weights and activations (W8A8)
+    "per_token_quant_int8": "w8a8",
+    "w8a8_int8_linear": "w8a8",
+    "fused_moe_w8a8": "w8a8",
+    "w8a8_from_compressed_tensors": "w8a8",
+    "w8a8_from_lmdeploy": "w8a8",
+    "w8a8_check_quant_config": "w8a8",
     # seeded sampling (bit-exact twins of SGLang's / LMDeploy's seeded draws)
     "murmur_hash32": "sampling",
     "philox_uniform": "sampling",

@@ -25,7 +25,8 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 # int4 weight helpers and the seeded-sampling twins: no implementation tiers (plain torch), no dispatch
 NOT_DISPATCHED = {"pack_int4", "unpack_int4", "int32_to_uint8_packing", "dequant_w4a16", "awq_to_w4a16",
-                  "gptq_to_w4a16", "murmur_hash32", "philox_uniform", "seeded_multinomial"}
+                  "gptq_to_w4a16", "murmur_hash32", "philox_uniform", "seeded_multinomial",
+                  "w8a8_from_compressed_tensors", "w8a8_from_lmdeploy", "w8a8_check_quant_config"}
 
 EMPTY_CASES = {}
 
@@ -306,6 +307,62 @@ def _gptq_to_w4a16(dtype):
     expect(zeros, (0, HIDDEN // GROUP), torch.uint8)
 
 
+# ---------------------------------------------------------------- int8 weights and activations (W8A8)
+
+def _int8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+@covers("per_token_quant_int8")
+def _per_token_quant_int8(dtype):
+    q, scale = ops.per_token_quant_int8(no_tokens(0, HIDDEN, dtype=dtype))
+    expect(q, (0, HIDDEN), torch.int8)
+    expect(scale, (0, 1), torch.float32)
+    q, scale = ops.per_token_quant_int8(no_tokens(2, 0, HIDDEN, dtype=dtype))
+    expect(q, (2, 0, HIDDEN), torch.int8)
+    expect(scale, (2, 0, 1), torch.float32)
+
+
+@covers("w8a8_int8_linear")
+def _w8a8_int8_linear(dtype):
+    q_w, w_scale = _int8(48, HIDDEN), torch.rand(48)
+    expect(ops.w8a8_int8_linear(torch.empty(0, HIDDEN, dtype=torch.int8), torch.empty(0, 1), q_w, w_scale,
+                                out_dtype=dtype), (0, 48), dtype)
+    expect(ops.w8a8_int8_linear(torch.empty(2, 0, HIDDEN, dtype=torch.int8), torch.empty(2, 0, 1), q_w,
+                                w_scale.view(48, 1), randn(48, dtype=dtype), out_dtype=dtype), (2, 0, 48), dtype)
+
+
+@covers("fused_moe_w8a8")
+def _fused_moe_w8a8(dtype):
+    w13, w2 = _int8(NUM_EXPERTS, 2 * INTER, HIDDEN), _int8(NUM_EXPERTS, HIDDEN, INTER)
+    scales = torch.rand(NUM_EXPERTS, 2 * INTER, 1), torch.rand(NUM_EXPERTS, HIDDEN)
+    expect(ops.fused_moe_w8a8(no_tokens(0, HIDDEN, dtype=dtype), w13, w2, *scales, *_routing()), (0, HIDDEN), dtype)
+    out = no_tokens(0, HIDDEN, dtype=dtype)
+    assert ops.fused_moe_w8a8(no_tokens(0, HIDDEN, dtype=dtype), w13, w2, *scales, *_routing(), out=out) is out
+
+
+@covers("w8a8_from_compressed_tensors")
+def _w8a8_from_compressed_tensors(dtype):
+    # zero output channels
+    q_w, w_scale = ops.w8a8_from_compressed_tensors(torch.empty(0, HIDDEN, dtype=torch.int8), no_tokens(0, 1, dtype=dtype))
+    expect(q_w, (0, HIDDEN), torch.int8)
+    expect(w_scale, (0,), torch.float32)
+
+
+@covers("w8a8_from_lmdeploy")
+def _w8a8_from_lmdeploy(dtype):
+    q_w, w_scale = ops.w8a8_from_lmdeploy(torch.empty(NUM_EXPERTS, 0, HIDDEN, dtype=torch.int8),
+                                          no_tokens(NUM_EXPERTS, 0, 1, dtype=dtype))
+    expect(q_w, (NUM_EXPERTS, 0, HIDDEN), torch.int8)
+    expect(w_scale, (NUM_EXPERTS, 0), torch.float32)
+
+
+@covers("w8a8_check_quant_config")
+def _w8a8_check_quant_config(dtype):
+    # no tensors at all: the empty analogue is a config that names no layer
+    assert ops.w8a8_check_quant_config({"quant_method": "smooth_quant"}) == "smooth_quant"
+
+
 # ---------------------------------------------------------------- seeded sampling (no requests in the batch)
 
 @covers("murmur_hash32")
@@ -379,6 +436,13 @@ BAD_EMPTY_CALLS = {
         randn(NUM_EXPERTS, HIDDEN, INTER + 1, dtype=torch.float16), *_routing()),
     "w4a16_linear: K": lambda: ops.w4a16_linear(no_tokens(0, HIDDEN * 2, dtype=torch.float16),
                                                 _int4(48, HIDDEN // 2), randn(48, 2, dtype=torch.float16), None, 32),
+    "w8a8_int8_linear: w_scale shape": lambda: ops.w8a8_int8_linear(
+        torch.empty(0, HIDDEN, dtype=torch.int8), torch.empty(0, 1), _int8(48, HIDDEN), torch.rand(47)),
+    "fused_moe_w8a8: w13 dtype": lambda: ops.fused_moe_w8a8(
+        no_tokens(0, HIDDEN, dtype=torch.float16), randn(NUM_EXPERTS, 2 * INTER, HIDDEN, dtype=torch.float16),
+        _int8(NUM_EXPERTS, HIDDEN, INTER), torch.rand(NUM_EXPERTS, 2 * INTER), torch.rand(NUM_EXPERTS, HIDDEN),
+        *_routing()),
+    "per_token_quant_int8: x dtype": lambda: ops.per_token_quant_int8(torch.empty(0, HIDDEN, dtype=torch.int8)),
 }
 
 
