@@ -14,8 +14,9 @@ kernel launches per layer (Triton kernels counted at launch under
 microseconds per step on the reference path.
 
 Peak figures default to those MetaX publishes for the C500 (1.8 TB/s HBM2e,
-280 TFLOP/s dense fp16/bf16); they are not measured here: pass
-``--peak-bandwidth-gbs`` / ``--peak-tflops`` for your card.
+280 TFLOP/s dense fp16/bf16, 560 TOPS INT8 for the W8A8 rows); they are not
+measured here: pass ``--peak-bandwidth-gbs`` / ``--peak-tflops`` /
+``--peak-int8-tops`` for your card.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from maca_infer.common import envs
 from maca_infer.common.ops import _dispatch
 
 BF16 = 2  # bytes per element of the activations/weights in every case
+INT8 = 1
+FP32 = 4
+# MetaX C500 published peaks: INT8 560 TOPS against 280 TFLOP/s dense fp16/bf16 (MACA_TARGET.md)
+C500_INT8_TOPS = 560.0
+C500_BF16_TFLOPS = 280.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,14 @@ class Case:
     make: Callable[[torch.device], Callable[[], object]] | None = None
     measured_s: float | None = None
     extra: dict = field(default_factory=dict)
+    # the case's math runs at rate * rate_scale: INT8 cases (W8A8) at the INT8 peak, not the bf16 one
+    rate_scale: float = 1.0
 
     def floor_s(self, bw: float, rate: float) -> float:
-        return max(self.bytes / bw, self.flops / rate)
+        return max(self.bytes / bw, self.flops / (rate * self.rate_scale))
 
     def bound(self, bw: float, rate: float) -> str:
-        return "memory" if self.bytes / bw >= self.flops / rate else "compute"
+        return "memory" if self.bytes / bw >= self.flops / (rate * self.rate_scale) else "compute"
 
 
 def _experts_touched(tokens: int, experts: int, top_k: int) -> float:
@@ -205,6 +213,12 @@ def build_cases(batch: int, context: int, prefill_len: int, block_size: int, gro
                         w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
                         w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
                         return lambda: ops.fused_moe(x, w13, w2, w, ids)
+                    if quant == "w8a8":
+                        q13 = torch.randint(-128, 128, (E, 2 * I, H), device=dev, dtype=torch.int8)
+                        q2 = torch.randint(-128, 128, (E, H, I), device=dev, dtype=torch.int8)
+                        s13 = torch.rand(E, 2 * I, device=dev) * 1e-3
+                        s2 = torch.rand(E, H, device=dev) * 1e-3
+                        return lambda: ops.fused_moe_w8a8(x, q13, q2, s13, s2, w, ids)
                     q13 = torch.randint(0, 256, (E, 2 * I, H // 2), device=dev, dtype=torch.uint8)
                     q2 = torch.randint(0, 256, (E, H, I // 2), device=dev, dtype=torch.uint8)
                     s13 = torch.rand(E, 2 * I, H // group_size, device=dev, dtype=torch.bfloat16) * 0.01
@@ -216,6 +230,10 @@ def build_cases(batch: int, context: int, prefill_len: int, block_size: int, gro
                                   lambda dev, f=moe: f(dev, False)))
                 cases.append(Case(f"fused_moe w4a16 g{group_size}", m.name, shape, int4_bytes, flops,
                                   lambda dev, f=moe: f(dev, True)))
+                # int8 weights plus one fp32 scale per output channel (2I of w13, H of w2)
+                int8_bytes = touched * (3 * I * H * INT8 + (2 * I + H) * FP32) + act
+                cases.append(Case("fused_moe w8a8", m.name, shape, int8_bytes, flops,
+                                  lambda dev, f=moe: f(dev, "w8a8"), rate_scale=C500_INT8_TOPS / C500_BF16_TFLOPS))
         if key == "llama3-8b":
             K, N = H, inter * 2  # gate_up projection
 
@@ -228,6 +246,19 @@ def build_cases(batch: int, context: int, prefill_len: int, block_size: int, gro
             cases.append(Case(f"w4a16_linear g{group_size}", m.name, f"T={batch} K={K} N={N}",
                               N * K * 0.5 + N * K / group_size * BF16 + batch * (K + N) * BF16,
                               2 * batch * K * N, w4))
+        if key in ("llama3-8b", "deepseek-v3"):
+            K, N = H, inter * 2  # gate_up projection (DeepSeek-V3: its dense MLP layers)
+
+            def w8(dev, K=K, N=N):
+                q_x = torch.randint(-127, 128, (batch, K), device=dev, dtype=torch.int8)
+                x_scale = torch.rand(batch, 1, device=dev) * 1e-2
+                q_w = torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8)
+                w_scale = torch.rand(N, device=dev) * 1e-3
+                return lambda: ops.w8a8_int8_linear(q_x, x_scale, q_w, w_scale, out_dtype=torch.bfloat16)
+
+            cases.append(Case("w8a8_int8_linear", m.name, f"T={batch} K={K} N={N}",
+                              N * K * INT8 + N * FP32 + batch * (K * INT8 + FP32) + batch * N * BF16,
+                              2 * batch * K * N, w8, rate_scale=C500_INT8_TOPS / C500_BF16_TFLOPS))
     return cases
 
 
@@ -381,7 +412,9 @@ def _fmt_bytes(b: float) -> str:
 
 def markdown(cases: list[Case], bw: float, rate: float, device: str, host: dict | None) -> str:
     lines = [f"# maca-infer op benchmark ({device})", "",
-             f"Peaks: {bw / 1e9:.0f} GB/s, {rate / 1e12:.0f} TFLOP/s. Floor = max(bytes/bandwidth, FLOPs/rate).", "",
+             f"Peaks: {bw / 1e9:.0f} GB/s, {rate / 1e12:.0f} TFLOP/s"
+             + "".join(sorted({f", INT8 {rate * c.rate_scale / 1e12:.0f} TOPS" for c in cases if c.rate_scale != 1.0}))
+             + ". Floor = max(bytes/bandwidth, FLOPs/rate); w8a8 rows count int8 OPs at the INT8 peak.", "",
              "| op | model | shape | bytes | FLOPs | bound | floor µs | measured µs | achieved GB/s | achieved TFLOP/s | floor/measured |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
@@ -433,6 +466,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="W4A16 quantization group")
     p.add_argument("--peak-bandwidth-gbs", type=float, default=1800.0,
                    help="memory bandwidth for the floor (default: MetaX C500 published 1.8 TB/s)")
+    p.add_argument("--peak-int8-tops", type=float, default=C500_INT8_TOPS,
+                   help="dense INT8 rate for the w8a8 rows' floor (default: MetaX C500 published 560 TOPS)")
     p.add_argument("--peak-tflops", type=float, default=280.0,
                    help="dense fp16/bf16 rate for the floor (default: MetaX C500 published figure)")
     p.add_argument("--repeats", type=int, default=20)
@@ -447,6 +482,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
     bw, rate = args.peak_bandwidth_gbs * 1e9, args.peak_tflops * 1e12
     cases = build_cases(args.batch, args.context, args.prefill_len, args.block_size, args.group_size)
+    for c in cases:  # INT8 rows: their floor follows --peak-int8-tops
+        if c.rate_scale != 1.0:
+            c.rate_scale = args.peak_int8_tops / args.peak_tflops
     on_device = torch.cuda.is_available() and torch.device("cuda").type == "cuda" and not _emulated()
     device_name = torch.cuda.get_device_name() if on_device else "no accelerator: floors only"
     if on_device:
@@ -460,7 +498,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "ops.md").write_text(md)
     plot(cases, bw, rate, out / "ops.png")
     (out / "ops.json").write_text(json.dumps({
-        "device": device_name, "peak_bandwidth_Bps": bw, "peak_flops": rate, "host": host,
+        "device": device_name, "peak_bandwidth_Bps": bw, "peak_flops": rate, "peak_int8_ops": args.peak_int8_tops * 1e12,
+        "host": host,
         "cases": [{"op": c.op, "model": c.model, "shape": c.shape, "bytes": c.bytes, "flops": c.flops,
                    "floor_s": c.floor_s(bw, rate), "measured_s": c.measured_s} for c in cases],
         "tiers": _dispatch.tiers(), "fallbacks": _dispatch.fallbacks()}, indent=2))

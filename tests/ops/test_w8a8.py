@@ -366,3 +366,20 @@ def test_kernels_compile_for_gpu_without_spills(gpu_builds):
     assert "_moe_w8a8_gate_up_kernel_fn" in kernels and "_moe_w8a8_down_kernel_fn" in kernels
     for build in builds:
         assert build["usage"]["LOCAL"] == 0, build
+    for build in builds:  # MACA: 64 KiB of shared memory per block
+        assert build["usage"].get("SHARED", 0) <= 64 * 1024, build
+
+
+def test_kernels_use_nothing_macas_triton_lacks():
+    """MACA_TARGET.md rule 3: no tl.extra (libdevice, PTX helpers), inline asm or TMA descriptors."""
+    import inspect
+    import re
+
+    from maca_infer.common.ops._jit import lazy_jit
+
+    kernels = [v for v in vars(w8a8).values() if isinstance(v, lazy_jit)]
+    assert len(kernels) == 6
+    for kernel in kernels:
+        code = re.sub(r'"""[\s\S]*?"""|#.*', "", inspect.getsource(kernel.fn))
+        for pattern in (r"\btl\.extra\b", r"inline_asm", r"libdevice", r"tensor_descriptor|TensorDescriptor"):
+            assert not re.search(pattern, code), (kernel.fn.__name__, pattern)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
 import torch
 
 from maca_infer.bench import ops as bench
@@ -65,3 +66,27 @@ def test_tiers_and_fallbacks_are_in_the_report(monkeypatch):
     text = bench.tiers_markdown()
     assert "| rms_norm | reference |" in text and "| silu_and_mul | triton |" in text
     assert "- rms_norm: RuntimeError: planted (inputs (3, 64) float16 on cuda:0)" in text
+
+
+def test_w8a8_rows_count_int8_bytes_and_floor_at_the_int8_peak():
+    cases = bench.build_cases(batch=4, context=64, prefill_len=32, block_size=16, group_size=128)
+    for model in ("Llama-3-8B", "DeepSeek-V3"):
+        lin = _case(cases, "w8a8_int8_linear", model)
+        k, n = (4096, 2 * 14336) if model == "Llama-3-8B" else (7168, 2 * 18432)
+        q_w, w_scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+        q_x, x_scale, y = torch.empty(4, k, dtype=torch.int8), torch.empty(4, 1), torch.empty(4, n, dtype=torch.bfloat16)
+        assert lin.bytes == q_w.nbytes + w_scale.nbytes + q_x.nbytes + x_scale.nbytes + y.nbytes
+        assert lin.flops == 2 * 4 * k * n
+        # compute-bound at batch 4096 tokens would be judged against 560 TOPS, not 280 TFLOP/s
+        assert lin.floor_s(1e30, 280e12) == lin.flops / 560e12
+    dense = _case(cases, "fused_moe bf16", "DeepSeek-V3")
+    int8 = _case(cases, "fused_moe w8a8", "DeepSeek-V3")
+    assert int8.flops == dense.flops and int8.rate_scale == 2.0
+    act = 2 * 1 * 7168 * 2
+    # int8 weights: half the bf16 bytes plus one fp32 scale per output channel (2I + H per expert)
+    per_expert_dense = 3 * 2048 * 7168 * 2
+    per_expert_int8 = 3 * 2048 * 7168 + (2 * 2048 + 7168) * 4
+    assert (int8.bytes - act) / (dense.bytes - act) == pytest.approx(per_expert_int8 / per_expert_dense)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert p.parse_args([]).peak_int8_tops == 560.0
