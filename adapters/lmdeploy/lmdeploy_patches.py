@@ -300,12 +300,44 @@ class MacaSeededMultinomialSampling:
         return seeded_multinomial(scores, seeds, offsets, indices)
 
 
-def _seeded_build_op(upstream_build_op):
+class MacaRouterNoauxTC:
+    """LMDeploy's RouterNoauxTCImpl for maca: DeepSeek-V3 noaux_tc routing in one op.
+
+    ``forward(logits [T, E], bias [E])`` -> (weights [T, k] float32, ids [T, k]
+    int64), LMDeploy's contract: scores (sigmoid or softmax), groups ranked by
+    their two best biased scores, top-k of the biased scores in the kept
+    groups, weights = unbiased scores, renormalized, times
+    routed_scaling_factor. Experts of dropped groups are never picked (LMDeploy's
+    torch default fills them with 0, which can beat a negative biased score).
+    """
+
+    def __init__(self, spec):
+        self.scoring_func = spec.scoring_func
+        self.top_k = spec.top_k
+        self.n_group = spec.n_group
+        self.topk_group = spec.top_k_group
+        self.renormalize = spec.renormalize
+        self.routed_scaling_factor = spec.routed_scaling_factor
+
+    def forward(self, logits, bias):
+        from maca_infer.common.ops.moe import moe_grouped_topk
+
+        weights, ids = moe_grouped_topk(
+            logits, self.top_k, num_expert_group=self.n_group, topk_group=self.topk_group,
+            renormalize=self.renormalize, scoring=self.scoring_func, correction_bias=bias,
+            routed_scaling_factor=float(self.routed_scaling_factor))
+        return weights, ids.long()
+
+
+def _maca_build_op(upstream_build_op):
     def build_op(cls, spec, *, enable_deterministic: bool = False):
+        from lmdeploy.pytorch.backends.moe_router import RouterNoauxTCBuildSpec
         from lmdeploy.pytorch.backends.multinomial_sampling import MultinomialSamplingBuildSpec
 
         if isinstance(spec, MultinomialSamplingBuildSpec):
             return MacaSeededMultinomialSampling()
+        if isinstance(spec, RouterNoauxTCBuildSpec) and spec.router_n_groups <= 0:
+            return MacaRouterNoauxTC(spec)
         return upstream_build_op.__func__(cls, spec, enable_deterministic=enable_deterministic)
 
     return classmethod(build_op)
@@ -326,7 +358,7 @@ def apply(op_backend_module: types.ModuleType) -> None:
     ccl_backend, support_ray = _collective_backends(backend.ccl_backend, backend.support_ray)
     patching.apply(patching.CCL_BACKEND, backend, "ccl_backend", staticmethod(ccl_backend))
     patching.apply(patching.SUPPORT_RAY, backend, "support_ray", staticmethod(support_ray))
-    patching.apply(patching.SEEDED_SAMPLING, backend, "build_op", _seeded_build_op(backend.build_op))
+    patching.apply(patching.BUILD_OP, backend, "build_op", _maca_build_op(backend.build_op))
 
 
 # --------------------------------------------------------------------------- mp engine start-up race

@@ -65,16 +65,20 @@ SUPPORT_RAY = _declare(
     how="staticmethod answering False on the emulated device, upstream's answer otherwise",
     remove_when="never for the emulated device; on devices nothing changes",
 )
-SEEDED_SAMPLING = _declare(
+BUILD_OP = _declare(
     f"{MACA_OP_BACKEND}.MacaOpsBackend.build_op",
-    why="a request's random_seed (OpenAI seed) reaches the sampler as per-sequence seeds and offsets, "
-        "which only the cuda backend's Triton multinomial kernel reads; the dlinfer backends inherit "
-        "DefaultMultinomialSamplingImpl (torch.multinomial on the global RNG), so on maca two identical "
-        "seeded requests gave different text",
+    why="two ops the dlinfer backends inherit from LMDeploy's torch defaults: (1) a request's random_seed "
+        "(OpenAI seed) reaches the sampler as per-sequence seeds and offsets, which only the cuda backend's "
+        "Triton multinomial kernel reads; DefaultMultinomialSamplingImpl (torch.multinomial on the global "
+        "RNG) made two identical seeded requests differ on maca; (2) DeepSeek-V3's noaux_tc router "
+        "(DefaultRouterNoauxTCImpl) is a chain of torch ops where maca-infer has one kernel",
     how="MacaOpsBackend.build_op answers MultinomialSamplingBuildSpec with "
         "lmdeploy_patches.MacaSeededMultinomialSampling (maca_infer.common.ops.seeded_multinomial: "
-        "tl.rand(seed, offset) in torch, the same draw as the cuda kernel); every other op as upstream",
-    remove_when="LMDeploy's dlinfer backend builds a seed-aware multinomial sampling op",
+        "tl.rand(seed, offset) in torch, the same draw as the cuda kernel) and RouterNoauxTCBuildSpec "
+        "(grouped, router_n_groups off) with lmdeploy_patches.MacaRouterNoauxTC "
+        "(maca_infer.common.ops.moe_grouped_topk); every other op as upstream",
+    remove_when="LMDeploy's dlinfer backend builds a seed-aware multinomial sampling op and a fused "
+                "noaux_tc router served by dlinfer",
 )
 MP_PROC = _declare(
     f"{ZMQ_ENGINE}.ZMQMPEngine._mp_proc",
