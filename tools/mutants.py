@@ -51,7 +51,9 @@ KV_CACHE = ("tests/ops/test_kv_cache.py",)
 ACTIVATION = ("tests/ops/test_activation.py",)
 QUANT = ("tests/ops/test_quant.py",)
 SGLANG = ("tests/sglang/test_backend_parity.py", "tests/sglang/test_platform.py")
+SGLANG_ROUTING = ("tests/sglang/test_noaux_tc_routing.py",)
 LMDEPLOY = ("tests/lmdeploy/test_dlinfer_interface.py", "tests/lmdeploy/test_activation.py")
+LMDEPLOY_ROUTING = ("tests/lmdeploy/test_noaux_tc_router.py",)
 HF = ("tests/hf/test_transformers.py",)
 
 
@@ -229,7 +231,19 @@ MUTANTS: tuple[Mutant, ...] = (
       "        style=\"neox\" if self.is_neox_style else \"gptj\",",
       "        style=\"neox\",",
       SGLANG, "SGLang rotary forward ignores is_neox_style"),
+    M("sglang-noaux-tc-scaling-always", "adapters/sglang/fused_ops.py",
+      "    scaling = cfg.routed_scaling_factor if cfg.apply_routed_scaling_factor_on_output else 1.0",
+      "    scaling = cfg.routed_scaling_factor",
+      SGLANG_ROUTING, "routed_scaling_factor applied in top-k although SGLang applies it on the MoE output"),
+    M("sglang-noaux-tc-padding-routed", "adapters/sglang/fused_ops.py",
+      "        ids.masked_fill_((rows >= num_token_non_padded_r)[:, None], -1)",
+      "        ids.masked_fill_((rows > num_token_non_padded_r)[:, None], -1)",
+      SGLANG_ROUTING, "the first CUDA-graph padding row is routed to experts"),
     # ---- adapters/lmdeploy ----
+    M("lmdeploy-noaux-tc-no-bias", "adapters/lmdeploy/lmdeploy_patches.py",
+      "            renormalize=self.renormalize, scoring=self.scoring_func, correction_bias=bias,",
+      "            renormalize=self.renormalize, scoring=self.scoring_func, correction_bias=None,",
+      LMDEPLOY_ROUTING, "noaux_tc router ignores e_score_correction_bias"),
     M("lmdeploy-rotary-gptj", "adapters/lmdeploy/dlinfer_ops.py",
       "    q_out, k_out = mops.apply_rotary(q, k, cos_half, sin_half, style=\"neox\")",
       "    q_out, k_out = mops.apply_rotary(q, k, cos_half, sin_half, style=\"gptj\")",

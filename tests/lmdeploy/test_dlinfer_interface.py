@@ -207,6 +207,30 @@ def test_attention_prefill_prefix_and_decode(maca_backend, block_size, dtype):
             torch.testing.assert_close(value_cache[block, offset], history_v[b][pos])
 
 
+def test_paged_decode_with_alibi(dlinfer_ours):
+    """dlinfer.ops.paged_decode_attention with ALiBi slopes (BLOOM / Baichuan-13B on LMDeploy): the
+    bias ``slope_h * (j - p)`` reaches the kernel."""
+    torch.manual_seed(3)
+    dtype, block_size, hq, hk, head_dim = torch.float16, 16, 4, 2, 32
+    kv_lens = [5, 37]
+    key_cache = torch.randn(8, block_size, hk, head_dim, dtype=dtype)
+    value_cache = torch.randn_like(key_cache)
+    table = torch.tensor([[6, 0, 0], [2, 7, 4]], dtype=torch.int32)
+    q = torch.randn(2, hq, head_dim, dtype=dtype)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    scale = head_dim ** -0.5
+    out = dlinfer_ours.paged_decode_attention(
+        q, key_cache, value_cache, table, block_size, torch.tensor([1, 2], dtype=torch.int32),
+        torch.tensor(kv_lens, dtype=torch.int32), max(kv_lens), hq, hk, 0, scale, slopes)
+    for b, kv in enumerate(kv_lens):
+        slots = [(int(table[b, pos // block_size]), pos % block_size) for pos in range(kv)]
+        k = torch.stack([key_cache[blk, off] for blk, off in slots]).double().repeat_interleave(hq // hk, dim=1)
+        v = torch.stack([value_cache[blk, off] for blk, off in slots]).double().repeat_interleave(hq // hk, dim=1)
+        scores = torch.einsum("hd,khd->hk", q[b].double(), k) * scale
+        scores = scores + slopes.double()[:, None] * (torch.arange(kv) - (kv - 1)).double()[None, :]
+        _close(out.reshape(2, hq, head_dim)[b], torch.einsum("hk,khd->hd", scores.softmax(-1), v), dtype)
+
+
 def test_fill_kv_cache_flat_slots(kernels):
     """fill_kv_cache with LMDeploy's [T, 1] int64 slot column and a [T] int32 one."""
     torch.manual_seed(3)
