@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from maca_infer.common.ops import _launch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 from maca_infer.common.ops._triton_helpers import merge_lse_partials
 
@@ -106,5 +107,5 @@ def merge_kv_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: t
         *lse_strides,
         num_kv_splits,
         HEAD_DIM_V=head_dim_v, BLOCK_DV=next_power_of_2(head_dim_v), BLOCK_S=next_power_of_2(num_kv_splits),
-        WRITE_LSE=lse is not None, num_warps=4,
+        WRITE_LSE=lse is not None, **_launch.options("merge_kv_splits"),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
@@ -55,7 +55,8 @@ def _act_and_mul_triton(x, out, activation):
         return
     block = min(next_power_of_2(d), _BLOCK)
     grid = (rows, (d + block - 1) // block)
-    _act_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), ACTIVATION=activation, BLOCK=block)
+    _act_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), ACTIVATION=activation, BLOCK=block,
+                              **_launch.options("act_and_mul"))
 
 
 # --------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
 from maca_infer.common.ops._triton_helpers import (
@@ -298,19 +298,19 @@ def _tile_sizes(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torc
     """(BLOCK_M, BLOCK_N) of the prefill kernel."""
     if interpreter_branch(device):
         return 16, 16  # every program runs in numpy: the smallest tile tl.dot takes
+    table = _launch.config("prefill")
+    if max(head_dim, head_dim_v) > 128 and dtype == torch.float32:
+        return table["BLOCK_M_fp32_wide"], table["BLOCK_N_fp32_wide"]
     if max(head_dim, head_dim_v) > 128 or dtype == torch.float32:
         # keep q, k, v tiles and the accumulator within registers and a
         # 64 KiB shared memory (fp32 64x64 tiles at D=128 need ~115 KiB)
-        return 32, 32
-    return 64, 64
+        return table["BLOCK_M_wide"], table["BLOCK_N_wide"]
+    return table["BLOCK_M"], table["BLOCK_N"]
 
 
-# Launch options. Two stages keep the K/V tiles' software pipeline within
-# the shared memory of MACA and NVIDIA parts alike. The prefill kernel uses 8
-# warps: with 4, ptxas (sm_80/sm_90) spills ~1 KiB per thread at D=128 and
-# ~300 B at D=256; with 8, nothing at D<=64 and in fp32, ~270 B at D=128.
-_LAUNCH = dict(num_warps=4, num_stages=2)
-_PREFILL_LAUNCH = dict(num_warps=8, num_stages=2)
+# Launch options (warps, stages) come from _launch's tables: the prefill
+# kernel uses 8 warps (with 4, ptxas on sm_80/sm_90 spills ~1 KiB per thread
+# at D=128 and ~300 B at D=256); on MACA both kernels run one stage.
 
 
 def _dot_tile(dim: int) -> int:
@@ -374,7 +374,7 @@ def _prefill_triton(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_D=_dot_tile(head_dim), BLOCK_DV=_dot_tile(head_dim_v),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGED=paged, CAUSAL=bool(causal),
-        **_feature_args(q, scale, sliding_window, logit_softcap, alibi_slopes), **_PREFILL_LAUNCH,
+        **_feature_args(q, scale, sliding_window, logit_softcap, alibi_slopes), **_launch.options("prefill"),
     )
     return out
 
@@ -394,10 +394,15 @@ def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, s
         num_kv_splits = auto_num_kv_splits(batch * num_kv_heads, capacity, q4.device)
     group = num_q_heads // num_kv_heads
     block_m = max(16, next_power_of_2(query_len * group))
+    table = _launch.config("decode")
     if interpreter_branch(q4.device):
         block_n = 16
+    elif max(head_dim, head_dim_v) <= 128 and q4.dtype != torch.float32:
+        block_n = table["BLOCK_N"]
+    elif q4.dtype == torch.float32 and max(head_dim, head_dim_v) > 128:
+        block_n = table["BLOCK_N_fp32_wide"]
     else:
-        block_n = 64 if max(head_dim, head_dim_v) <= 128 and q4.dtype != torch.float32 else 32
+        block_n = table["BLOCK_N_wide"]
     common = dict(
         stride_q_seq=q4.stride(0), stride_q_token=q4.stride(1), stride_q_head=q4.stride(2),
         stride_k_block=key_cache.stride(0), stride_k_token=key_cache.stride(1), stride_k_head=key_cache.stride(2),
@@ -409,7 +414,7 @@ def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, s
         BLOCK_M=block_m, BLOCK_N=block_n,
         **_feature_args(q4, scale, sliding_window, logit_softcap, alibi_slopes),
         # more (token, head) rows per program -> more warps, so the accumulator stays in registers
-        num_warps=4 if block_m <= 32 else 8, num_stages=_LAUNCH["num_stages"],
+        **_launch.options("decode", num_warps=table["num_warps"] if block_m <= 32 else table["num_warps_many_rows"]),
     )
     grid = (batch, num_kv_heads, num_kv_splits)
     if num_kv_splits == 1:

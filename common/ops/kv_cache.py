@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 _TILE = 4096  # elements of one (heads x dims) tile of a program
@@ -69,7 +69,7 @@ def _fill_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping):
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv, **_launch.options("fill_kv_cache"),
     )
 
 

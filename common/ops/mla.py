@@ -33,18 +33,17 @@ import math
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl
 from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
 from maca_infer.common.ops._triton_helpers import LOG2E, online_softmax_finish, online_softmax_step
 from maca_infer.common.ops.kv_cache import check_slot_mapping, check_slots_in_range
 
-# Heads per decode program, and latent rows per decode tile: 16 is the smallest
-# tile tl.dot takes, and keeps the [16, kv_lora_rank] float32 accumulator plus
-# one latent tile in registers for kv_lora_rank = 512 (128 registers a thread
-# at bf16 on sm_80, no spills: see tests/ops/test_mla.py).
-_BLOCK_H = 16
-_BLOCK_N = 16
+# Heads per decode program (BLOCK_H) and latent rows per decode tile (BLOCK_N)
+# come from _launch's "mla_decode" entry: 16 is the smallest tile tl.dot
+# takes, and keeps the [16, kv_lora_rank] float32 accumulator plus one latent
+# tile in registers for kv_lora_rank = 512 (no spills on sm_80: see
+# tests/ops/test_mla.py); one stage on MACA keeps fp32 within 64 KiB.
 
 
 # ==========================================================================
@@ -161,6 +160,7 @@ def _fill_mla_cache_triton(kv_c, k_pe, latent_cache, slot_mapping):
         kv_lora_rank, rope_dim, latent_cache.shape[1],
         kv_c.stride(0), k_pe.stride(0), latent_cache.stride(0), latent_cache.stride(1),
         BLOCK_C=next_power_of_2(kv_lora_rank), BLOCK_PE=next_power_of_2(max(rope_dim, 1)),
+        **_launch.options("fill_mla_cache"),
     )
 
 
@@ -174,7 +174,14 @@ def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, nu
     partial_out = torch.empty((batch, num_heads, num_splits, kv_lora_rank), dtype=torch.float32, device=q_nope.device)
     partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q_nope.device)
     block_c = next_power_of_2(kv_lora_rank)
-    grid = (batch, -(-num_heads // _BLOCK_H), num_splits)
+    table = _launch.config("mla_decode")
+    fp32_limit = table["fp32_max_kv_lora_rank"]
+    if q_nope.dtype == torch.float32 and fp32_limit and block_c > fp32_limit and not interpreter_branch(q_nope.device):
+        raise ValueError(
+            f"mla_decode: float32 at kv_lora_rank {kv_lora_rank} does not fit this device "
+            f"({_launch.family()}): its tiles need about 100 KiB of shared memory, and a MACA block has "
+            f"64 KiB; run the model in bfloat16/float16, or set MACA_INFER_OPS_IMPL=reference")
+    grid = (batch, -(-num_heads // table["BLOCK_H"]), num_splits)
     _mla_decode_split_kernel[grid](
         q_nope, q_rope, cache, block_table, kv_seqlens, partial_out, partial_lse,
         num_heads, kv_lora_rank, rope_dim, block_size, num_splits, float(scale),
@@ -182,8 +189,9 @@ def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, nu
         cache.stride(0), cache.stride(1), block_table.stride(0),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1),
-        BLOCK_H=_BLOCK_H, BLOCK_N=_BLOCK_N, BLOCK_C=block_c, BLOCK_PE=max(16, next_power_of_2(rope_dim)),
-        DOT_FP32=q_nope.dtype == torch.float32 or interpreter_branch(q_nope.device),
+        BLOCK_H=table["BLOCK_H"], BLOCK_N=table["BLOCK_N"], BLOCK_C=block_c,
+        BLOCK_PE=max(16, next_power_of_2(rope_dim)),
+        DOT_FP32=q_nope.dtype == torch.float32 or interpreter_branch(q_nope.device), **_launch.options("mla_decode"),
     )
     # one query token per sequence: the merge's token dimension is 1
     merge_kv_splits(partial_out.unsqueeze(1), partial_lse.unsqueeze(1), out.unsqueeze(1),
@@ -465,8 +473,9 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
     _check_block_table(op, block_table, kv_seqlens, batch)
     _check_scale(op, scale)
     if num_kv_splits is None:
-        # one program per (sequence, tile of _BLOCK_H heads) and split
-        num_kv_splits = auto_num_kv_splits(batch * -(-num_heads // _BLOCK_H), block_table.shape[1] * cache.shape[1],
+        # one program per (sequence, tile of BLOCK_H heads) and split
+        block_h = _launch.config("mla_decode")["BLOCK_H"]
+        num_kv_splits = auto_num_kv_splits(batch * -(-num_heads // block_h), block_table.shape[1] * cache.shape[1],
                                            q_nope.device)
     elif not isinstance(num_kv_splits, int) or isinstance(num_kv_splits, bool) or num_kv_splits < 1:
         raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None or an int >= 1")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 from maca_infer.common.ops.quant import _as_uint8_packing, _dequant_fp32, _resolve_group_size
@@ -97,6 +97,7 @@ def _moe_topk_softmax_triton(router_logits, top_k, renormalize):
     _moe_topk_softmax_kernel[grid](
         router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0),
         TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_power_of_2(top_k),
+        **_launch.options("moe_topk"),
     )
     return weights, ids
 
@@ -246,6 +247,7 @@ def _moe_grouped_topk_triton(router_logits, top_k, num_expert_group, topk_group,
         TOP_K=top_k, NUM_GROUPS=num_expert_group, TOPK_GROUP=topk_group, SIGMOID=scoring == "sigmoid",
         HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_G=next_power_of_2(num_expert_group), BLOCK_K=next_power_of_2(top_k),
+        **_launch.options("moe_topk"),
     )
     return weights, ids
 
@@ -410,10 +412,11 @@ def _moe_align_triton(topk_ids, block_size, num_experts):
     num_bins = next_power_of_2(num_experts + 1)
     _moe_align_count_kernel[(1,)](
         flat_ids, expert_starts, expert_ids, num_post_pad, num_assignments, num_experts, num_blocks, block_size,
-        NUM_BINS=num_bins, CHUNK=1024, BLOCK_CHUNK=max(16, min(256, 4096 // num_bins)), num_warps=8,
+        NUM_BINS=num_bins, CHUNK=1024, BLOCK_CHUNK=max(16, min(256, 4096 // num_bins)),
+        **_launch.options("moe_align_count"),
     )
     _moe_align_scatter_kernel[(num_experts,)](
-        flat_ids, expert_starts, sorted_ids, num_assignments, CHUNK=1024,
+        flat_ids, expert_starts, sorted_ids, num_assignments, CHUNK=1024, **_launch.options("moe_align_scatter"),
     )
     return sorted_ids, expert_ids, num_post_pad
 
@@ -615,16 +618,19 @@ def _moe_down_kernel_fn(
 _moe_down_kernel = lazy_jit(_moe_down_kernel_fn)
 
 
-def _moe_block_config(num_assignments: int, num_experts: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for the grouped GEMMs."""
+def _moe_block_config(num_assignments: int, num_experts: int, interpret: bool,
+                      fp32: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for the grouped GEMMs (N and K from _launch's "moe_gemm" entry)."""
     if interpret:  # each program instance runs in numpy: few, small programs
         return 16, 32, 32
+    table = _launch.config("moe_gemm")
+    block_n, block_k = table["BLOCK_N"], table["BLOCK_K_wide" if fp32 else "BLOCK_K"]
     rows_per_expert = num_assignments / max(1, num_experts)
     if rows_per_expert <= 16:
-        return 16, 64, 64
+        return 16, block_n, block_k
     if rows_per_expert <= 64:
-        return 32, 64, 64
-    return 64, 64, 64
+        return 32, block_n, block_k
+    return 64, block_n, block_k
 
 
 def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation, out, quant):
@@ -635,7 +641,7 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation, out, quant
     top_k = topk_ids.shape[1]
     num_assignments = num_tokens * top_k
     interpret = interpreter_branch(x.device)
-    block_m, block_n, block_k = _moe_block_config(num_assignments, num_experts, interpret)
+    block_m, block_n, block_k = _moe_block_config(num_assignments, num_experts, interpret, x.dtype == torch.float32)
     block_k1 = block_k2 = block_k
     if quant is not None:
         w13_scales, w2_scales, w13_zeros, w2_zeros, group1, group2 = quant
@@ -662,7 +668,7 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation, out, quant
         num_assignments, top_k, hidden, inter_size, group1,
         x.stride(0), w13.stride(0), w13.stride(1), *strides(w13_scales), *strides(w13_zeros), inter.stride(0),
         ACTIVATION=_ACTIVATION_CODE[activation], INT4=int4, HAS_ZEROS=w13_zeros is not None, DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k1, **_launch.options("moe_gemm"),
     )
     per_assignment = torch.empty((num_assignments, hidden), dtype=torch.float32, device=x.device)
     grid2 = (expert_ids.numel(), triton.cdiv(hidden, block_n))
@@ -674,7 +680,7 @@ def _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, activation, out, quant
         inter.stride(0), w2.stride(0), w2.stride(1), *strides(w2_scales), *strides(w2_zeros),
         per_assignment.stride(0),
         INT4=int4, HAS_ZEROS=w2_zeros is not None, DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k2, **_launch.options("moe_gemm"),
     )
     summed = per_assignment.view(num_tokens, top_k, hidden).sum(dim=1)
     if out is None:

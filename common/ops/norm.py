@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 
@@ -108,8 +108,10 @@ def _rms_norm_triton(x, residual, weight, eps, gemma, out):
         num_rows, hidden, x2.stride(0), res2.stride(0), out2.stride(0), float(eps),
         HAS_RESIDUAL=residual is not None, GEMMA=gemma, BLOCK_ROWS=block_rows, BLOCK=block,
         SINGLE_BLOCK=single_block,
-        # about 8-16 elements per thread: big tiles get more warps, not more registers
-        num_warps=4 if tile <= 2048 else (8 if tile <= 4096 else 16),
+        # about 8-16 elements per thread: big tiles get more warps, not more registers (up to the
+        # family's cap: 8 on MACA, whose 64-thread warps make 16 warps 1024 threads)
+        num_warps=min(4 if tile <= 2048 else (8 if tile <= 4096 else 16), _launch.config("rms_norm")["max_warps"]),
+        **_launch.options("rms_norm"),
     )
 
 

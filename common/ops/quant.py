@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, tl, triton
 from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 
@@ -410,8 +410,9 @@ def _w4a16_linear_triton(x2d, qweight, scales, zeros, group, bias, split_k, out)
     n = qweight.shape[0]
     interpret = interpreter_branch(x2d.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 32 if interpret else 64
-    block_k = 64
+    table = _launch.config("w4a16_gemm")
+    block_n = 32 if interpret else table["BLOCK_N"]
+    block_k = table["BLOCK_K"]
     if group < k:  # a K tile must not straddle two groups
         block_k = min(block_k, group)
     k_tiles = triton.cdiv(k, block_k)
@@ -437,7 +438,7 @@ def _w4a16_linear_triton(x2d, qweight, scales, zeros, group, bias, split_k, out)
         x2d.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
         stride_split, n,
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch.options("w4a16_gemm"),
     )
     if split_k == 1:
         return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 STYLES = ("neox", "gptj")
@@ -106,6 +106,7 @@ def _rotary_triton(query, key, q_out, k_out, cos, sin, positions, half_rotary, s
         HAS_KEY=key is not None, USE_POSITIONS=positions is not None, IS_NEOX=style == "neox",
         COPY_PASS=copy_pass, BLOCK_H=block_h, BLOCK_HALF=block_half,
         BLOCK_PASS=max(16, next_power_of_2(pass_dims)),  # masked; unused unless COPY_PASS
+        **_launch.options("rotary"),
     )
 
 

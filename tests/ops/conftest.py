@@ -199,7 +199,10 @@ def compile_instead_of_launch(self, grid):
         compiled = kernel.warmup(*args, grid=grid, **kwargs)
         builds.append({"kernel": self.fn.__name__,
                        "constexprs": {k: v for k, v in kwargs.items() if k.isupper()},
-                       "usage": resource_usage(compiled.asm["cubin"])})
+                       "usage": resource_usage(compiled.asm["cubin"]),
+                       # dynamic shared memory (what a launch asks for) and the launch options it was built with
+                       "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+                       "num_stages": compiled.metadata.num_stages})
     return launch
 
 _jit.lazy_jit.__getitem__ = compile_instead_of_launch
@@ -214,8 +217,10 @@ def gpu_builds(tmp_path):
 
     ``snippet`` is Python source that imports and calls public ops on CPU
     tensors (outputs are not written). Returns the builds in launch order:
-    dicts with ``kernel`` (function name), ``constexprs`` and ``usage``
-    (``REG`` registers per thread, ``LOCAL`` spilled bytes, ``SHARED``).
+    dicts with ``kernel`` (function name), ``constexprs``, ``usage``
+    (``REG`` registers per thread, ``LOCAL`` spilled bytes, ``SHARED`` static
+    shared memory), ``shared`` (the dynamic shared memory a launch asks for,
+    bytes), ``num_warps`` and ``num_stages``.
     """
     import subprocess
     import sys

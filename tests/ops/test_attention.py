@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from maca_infer.common.ops import _dispatch
+from maca_infer.common.ops import _dispatch, _launch
 from maca_infer.common.ops import _split_kv
 from maca_infer.common.ops import attention as attn
 
@@ -574,7 +574,7 @@ def _compile_for_sm90(lazy_kernel, pointer_types, constexprs, float_args, launch
         else:
             signature[name] = "fp32" if name in float_args else "i32"
     compiled = triton_compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=launch or attn._LAUNCH)
+                              options=launch or _launch.options("decode"))
     assert compiled.asm.get("cubin"), f"{lazy_kernel.__name__}: no cubin produced"
     return compiled.metadata.shared
 
@@ -593,7 +593,7 @@ def compile_kernels_for_sm90() -> dict[str, int]:
                  kv_index_ptr="*i32", block_table_ptr="*i32", alibi_slopes_ptr="*fp32"),
             dict(QUERY_GROUP=4, HEAD_DIM=80, HEAD_DIM_V=80, BLOCK_D=128, BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64,
                  PAGED=True, CAUSAL=True, USE_WINDOW=True, USE_SOFTCAP=True, USE_ALIBI=True, DOT_FP32=False),
-            floats, attn._PREFILL_LAUNCH),
+            floats, _launch.options("prefill")),
         "decode": _compile_for_sm90(
             attn._decode_kernel,
             dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", block_table_ptr="*i32",
