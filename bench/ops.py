@@ -498,8 +498,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "ops.md").write_text(md)
     plot(cases, bw, rate, out / "ops.png")
     (out / "ops.json").write_text(json.dumps({
-        "device": device_name, "peak_bandwidth_Bps": bw, "peak_flops": rate, "peak_int8_ops": args.peak_int8_tops * 1e12,
-        "host": host,
+        "device": device_name, "peak_bandwidth_Bps": bw, "peak_flops": rate,
+        "peak_int8_ops": args.peak_int8_tops * 1e12, "host": host,
         "cases": [{"op": c.op, "model": c.model, "shape": c.shape, "bytes": c.bytes, "flops": c.flops,
                    "floor_s": c.floor_s(bw, rate), "measured_s": c.measured_s} for c in cases],
         "tiers": _dispatch.tiers(), "fallbacks": _dispatch.fallbacks()}, indent=2))

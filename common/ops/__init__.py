@@ -43,6 +43,8 @@ _EXPORTS = {
     "int32_to_uint8_packing": "quant",
     # int8 weights and activations (W8A8)
     "per_token_quant_int8": "w8a8",
+    "rms_norm_quant_int8": "w8a8",
+    "add_rms_norm_quant_int8": "w8a8",
     "w8a8_int8_linear": "w8a8",
     "fused_moe_w8a8": "w8a8",
     "w8a8_from_compressed_tensors": "w8a8",

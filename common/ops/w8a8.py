@@ -30,6 +30,13 @@ of at least 32 and zero-fill the masked tail, so any K works. Triton's
 interpreter computes an int8 ``tl.dot`` with ``np.matmul(..., dtype=int32)``:
 exact as well (tests/ops/test_w8a8.py checks it at the int32 extremes).
 
+Ops: :func:`per_token_quant_int8`; :func:`rms_norm_quant_int8` and
+:func:`add_rms_norm_quant_int8` (the norm fused with it: the normed row is
+rounded to ``x.dtype`` and then quantized, bit for bit what the unfused pair
+does); :func:`w8a8_int8_linear`; :func:`fused_moe_w8a8` (``fused_moe``'s
+routing and block alignment, int8 grouped GEMMs, the intermediate kept in
+float32 until it is quantized per assignment).
+
 Checkpoints: compressed-tensors INT8 W8A8 (``weight`` int8 ``[N, K]``,
 ``weight_scale`` ``[N, 1]``, ``strategy: channel``, activations ``dynamic:
 true, strategy: token``) and LMDeploy's smooth-quant W8A8 (``weight`` int8
@@ -70,7 +77,7 @@ _ROW_TILE = 4096
 
 @lazy_jit
 def int8_row_factors(absmax):
-    """Row ``absmax`` [R] (fp32) -> (``127 / absmax``, ``scale = absmax / 127``), absmax floored at 1e-10, IEEE divisions."""
+    """Row ``absmax`` [R] (fp32, floored at 1e-10) -> (``127 / absmax``, ``absmax / 127``), both IEEE divisions."""
     absmax = tl.maximum(absmax, 1e-10)
     limit = tl.zeros_like(absmax) + 127.0
     return tl.math.div_rn(limit, absmax), tl.math.div_rn(absmax, limit)
@@ -189,6 +196,183 @@ def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 torch.empty((*lead, 1), dtype=torch.float32, device=x.device))
     q, scale = result
     return q.view(*lead, row_len), scale.view(*lead, 1)
+
+
+# ==========================================================================
+# RMSNorm (and residual add) fused with per-token quantization
+# ==========================================================================
+
+def _rms_norm_quant_kernel_fn(
+    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
+    num_rows, hidden, stride_x, stride_r, stride_q, eps,
+    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+):
+    """One program per BLOCK_ROWS rows: rms_norm's math (norm.py), its output rounded to x's dtype, then quantized.
+
+    A row wider than BLOCK takes three passes: residual add + sum of squares,
+    absmax of the normed row, quantization (the normed row is recomputed).
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < num_rows
+    x_rows = x_ptr + rows[:, None] * stride_x
+    res_rows = residual_ptr + rows[:, None] * stride_r
+    q_rows = q_ptr + rows[:, None] * stride_q
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        col_mask = cols < hidden
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = (x + r).to(residual_ptr.dtype.element_ty)
+            tl.store(res_rows + cols[None, :], s, mask=mask)
+            x = s.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / hidden + eps)
+        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
+        y = (x * inv_rms[:, None] * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        inv, scale = int8_row_factors(tl.max(tl.abs(y), axis=1))
+        tl.store(q_rows + cols[None, :], quantize_int8(y, inv), mask=mask)
+    else:
+        sum_sq = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
+        for start in range(0, hidden, BLOCK):
+            offs = start + cols
+            mask = row_mask[:, None] & (offs < hidden)[None, :]
+            x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+                s = (x + r).to(residual_ptr.dtype.element_ty)
+                tl.store(res_rows + offs[None, :], s, mask=mask)
+                x = s.to(tl.float32)
+            sum_sq += x * x
+        inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / hidden + eps)
+        absmax = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+        for start in range(0, hidden, BLOCK):
+            y = _normed_tile(x_rows, res_rows, weight_ptr, start + cols, row_mask, hidden, inv_rms,
+                             HAS_RESIDUAL, GEMMA)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(y), axis=1))
+        inv, scale = int8_row_factors(absmax)
+        for start in range(0, hidden, BLOCK):
+            offs = start + cols
+            y = _normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden, inv_rms, HAS_RESIDUAL, GEMMA)
+            tl.store(q_rows + offs[None, :], quantize_int8(y, inv), mask=row_mask[:, None] & (offs < hidden)[None, :])
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+@lazy_jit
+def _normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden, inv_rms, HAS_RESIDUAL: tl.constexpr,
+                 GEMMA: tl.constexpr):
+    """rms_norm's output for one column tile (read back from the updated residual), rounded to x's dtype, as fp32."""
+    col_mask = offs < hidden
+    mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        x = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    return (x * inv_rms[:, None] * w[None, :]).to(x_rows.dtype.element_ty).to(tl.float32)
+
+
+_rms_norm_quant_kernel = lazy_jit(_rms_norm_quant_kernel_fn)
+
+
+def _rms_norm_quant_triton(x2d, residual2d, weight, eps, gemma):
+    num_rows, hidden = x2d.shape
+    q = torch.empty((num_rows, hidden), dtype=torch.int8, device=x2d.device)
+    scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x2d.device)
+    block = min(next_power_of_2(hidden), _MAX_BLOCK)
+    if interpreter_branch(x2d.device):
+        block = min(block, 1024)
+    single_block = block >= hidden
+    block_rows = max(1, min(_ROW_TILE // block, next_power_of_2(num_rows))) if single_block else 1
+    res = residual2d if residual2d is not None else x2d
+    _rms_norm_quant_kernel[(triton.cdiv(num_rows, block_rows),)](
+        x2d, res, weight, q, scale, num_rows, hidden, x2d.stride(0), res.stride(0), q.stride(0), eps,
+        HAS_RESIDUAL=residual2d is not None, GEMMA=gemma, BLOCK_ROWS=block_rows, BLOCK=block,
+        SINGLE_BLOCK=single_block, num_warps=4 if block_rows * block <= 2048 else 8,
+    )
+    return q, scale
+
+
+def _rms_norm_quant_reference(x2d, residual2d, weight, eps, gemma):
+    from maca_infer.common.ops.norm import _rms_norm_reference
+
+    normed = torch.empty_like(x2d)
+    _rms_norm_reference(x2d, residual2d, weight, eps, gemma, normed)
+    return _quantize_rows_reference(normed.to(torch.float32))
+
+
+def _run_rms_norm_quant(op, x, residual, weight, eps, gemma):
+    from maca_infer.common.ops.norm import _check_common
+
+    _check_common(op, x, weight, eps, None)
+    if residual is not None:
+        _checks.check_dtype(op, "residual", residual, (x.dtype,))
+        if tuple(residual.shape) != tuple(x.shape):
+            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expected x's shape {tuple(x.shape)}")
+        _checks.check_contiguous(op, "residual", residual)  # written in place
+    _checks.check_same_device(op, x=x, residual=residual, weight=weight)
+    hidden = x.shape[-1]
+    x2d = x.reshape(-1, hidden)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    residual2d = residual.view(-1, hidden) if residual is not None else None
+    empty = x2d.shape[0] == 0
+    tensors = (x, weight) if residual is None else (x, residual, weight)
+    result = _dispatch.dispatch(op, _rms_norm_quant_triton, _rms_norm_quant_reference, tensors,
+                                x2d, residual2d, weight, float(eps), bool(gemma), empty=empty)
+    lead = x.shape[:-1]
+    if empty:
+        return (torch.empty((*lead, hidden), dtype=torch.int8, device=x.device),
+                torch.empty((*lead, 1), dtype=torch.float32, device=x.device))
+    q, scale = result
+    return q.view(*lead, hidden), scale.view(*lead, 1)
+
+
+def rms_norm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                        gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm` fused with :func:`per_token_quant_int8`: the W8A8 linear's input in one pass.
+
+    Parameters
+    ----------
+    x, weight, eps, gemma
+        As :func:`maca_infer.common.ops.rms_norm` (``x`` ``[..., H]`` float16 /
+        bfloat16 / float32, ``weight`` ``[H]``).
+
+    Returns
+    -------
+    (q, scale)
+        ``[..., H]`` int8 and ``[..., 1]`` float32:
+        ``per_token_quant_int8(rms_norm(x, weight, eps, gemma=gemma))``; the
+        normed row is rounded to ``x.dtype`` before it is quantized, exactly as
+        the two unfused ops would do it.
+    """
+    return _run_rms_norm_quant("rms_norm_quant_int8", x, None, weight, eps, gemma)
+
+
+def add_rms_norm_quant_int8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                            gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` fused with :func:`per_token_quant_int8`.
+
+    Parameters
+    ----------
+    x, residual, weight, eps, gemma
+        As :func:`maca_infer.common.ops.add_rms_norm`; ``residual`` (same
+        shape and dtype as ``x``, contiguous) is overwritten with
+        ``round_to_dtype(x + residual)``.
+
+    Returns
+    -------
+    (q, scale, residual)
+        ``per_token_quant_int8(add_rms_norm(x, residual, weight, eps)[0])`` and
+        the updated residual.
+    """
+    q, scale = _run_rms_norm_quant("add_rms_norm_quant_int8", x, residual, weight, eps, gemma)
+    return q, scale, residual
 
 
 # ==========================================================================
@@ -563,7 +747,8 @@ def fused_moe_w8a8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_sca
                          "and an even 2I")
     inter_size = two_inter // 2
     if tuple(w2.shape) != (num_experts, hidden, inter_size):
-        raise ValueError(f"{op}: w2 has shape {tuple(w2.shape)}, expected [E, H, I] = {(num_experts, hidden, inter_size)}")
+        raise ValueError(f"{op}: w2 has shape {tuple(w2.shape)}, expected [E, H, I] = "
+                         f"{(num_experts, hidden, inter_size)}")
     _check_k(op, max(hidden, inter_size))
     w13_scale = _weight_scale(op, "w13_scale", w13_scale, (num_experts, two_inter), "[E, 2I]")
     w2_scale = _weight_scale(op, "w2_scale", w2_scale, (num_experts, hidden), "[E, H]")
@@ -686,7 +871,9 @@ def w8a8_check_quant_config(quantization_config: dict) -> str:
                          "or 'smooth_quant'")
     fmt = quantization_config.get("format")
     if fmt not in (None, "int-quantized", "naive-quantized"):
-        raise ValueError(f"{op}: format={fmt!r} is not supported; expected 'int-quantized' (int8 [N, K] weights)")
+        extra = " (FP8 needs an FP8 card; the C500 has none)" if fmt == "float-quantized" else ""
+        raise ValueError(f"{op}: format={fmt!r} is not supported; expected 'int-quantized' "
+                         f"(int8 [N, K] weights){extra}")
     groups = quantization_config.get("config_groups") or {}
     if not groups:
         raise ValueError(f"{op}: config_groups is empty; expected a W8A8 INT8 scheme")

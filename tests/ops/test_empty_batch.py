@@ -323,6 +323,23 @@ def _per_token_quant_int8(dtype):
     expect(scale, (2, 0, 1), torch.float32)
 
 
+@covers("rms_norm_quant_int8")
+def _rms_norm_quant_int8(dtype):
+    q, scale = ops.rms_norm_quant_int8(no_tokens(2, 0, HIDDEN, dtype=dtype), randn(HIDDEN, dtype=dtype))
+    expect(q, (2, 0, HIDDEN), torch.int8)
+    expect(scale, (2, 0, 1), torch.float32)
+
+
+@covers("add_rms_norm_quant_int8")
+def _add_rms_norm_quant_int8(dtype):
+    residual = no_tokens(0, HIDDEN, dtype=dtype)
+    q, scale, returned = ops.add_rms_norm_quant_int8(no_tokens(0, HIDDEN, dtype=dtype), residual,
+                                                     randn(HIDDEN, dtype=dtype))
+    expect(q, (0, HIDDEN), torch.int8)
+    expect(scale, (0, 1), torch.float32)
+    assert returned is residual
+
+
 @covers("w8a8_int8_linear")
 def _w8a8_int8_linear(dtype):
     q_w, w_scale = _int8(48, HIDDEN), torch.rand(48)
@@ -344,7 +361,8 @@ def _fused_moe_w8a8(dtype):
 @covers("w8a8_from_compressed_tensors")
 def _w8a8_from_compressed_tensors(dtype):
     # zero output channels
-    q_w, w_scale = ops.w8a8_from_compressed_tensors(torch.empty(0, HIDDEN, dtype=torch.int8), no_tokens(0, 1, dtype=dtype))
+    q_w, w_scale = ops.w8a8_from_compressed_tensors(torch.empty(0, HIDDEN, dtype=torch.int8),
+                                                    no_tokens(0, 1, dtype=dtype))
     expect(q_w, (0, HIDDEN), torch.int8)
     expect(w_scale, (0,), torch.float32)
 
@@ -443,6 +461,9 @@ BAD_EMPTY_CALLS = {
         _int8(NUM_EXPERTS, HIDDEN, INTER), torch.rand(NUM_EXPERTS, 2 * INTER), torch.rand(NUM_EXPERTS, HIDDEN),
         *_routing()),
     "per_token_quant_int8: x dtype": lambda: ops.per_token_quant_int8(torch.empty(0, HIDDEN, dtype=torch.int8)),
+    "add_rms_norm_quant_int8: residual dtype": lambda: ops.add_rms_norm_quant_int8(
+        no_tokens(0, HIDDEN, dtype=torch.float16), no_tokens(0, HIDDEN, dtype=torch.float32),
+        randn(HIDDEN, dtype=torch.float16)),
 }
 
 

@@ -113,6 +113,67 @@ def test_per_token_quant_rejects_bad_input():
 
 
 # --------------------------------------------------------------------------
+# rms_norm / add_rms_norm fused with the quantization
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,with_residual,gemma", [
+    ((1, 1), False, False), ((3, 7), True, False), ((2, 5, 300), True, True), ((2, 3000), False, True),
+    ((3, 2500), True, False),  # wider than the interpreter's 1024-wide tile: three passes
+])
+def test_rms_norm_quant_int8(any_branch, dtype, shape, with_residual, gemma, poisoned_empty):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=generator).to(dtype)
+    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(dtype)
+    residual = torch.randn(shape, generator=generator).to(dtype) if with_residual else None
+    eps = 1e-5
+    if with_residual:
+        before = residual.clone()
+        q, scale, returned = ops.add_rms_norm_quant_int8(x, residual, weight, eps, gemma=gemma)
+        assert returned is residual
+        summed = (x.double() + before.double()).to(dtype)
+        if dtype == torch.bfloat16 and any_branch != "reference":
+            # the interpreter truncates float32 -> bfloat16 (the card rounds to nearest): one ulp at most
+            assert torch.allclose(residual.double(), summed.double(), rtol=2**-7, atol=0)
+            summed = residual.clone()
+        else:
+            assert torch.equal(residual, summed)
+    else:
+        q, scale = ops.rms_norm_quant_int8(x, weight, eps, gemma=gemma)
+        summed = x
+    assert q.shape == x.shape and q.dtype == torch.int8 and scale.shape == (*shape[:-1], 1)
+    s64 = summed.double()
+    w64 = weight.double() + (1.0 if gemma else 0.0)
+    y64 = s64 / torch.sqrt((s64 * s64).mean(-1, keepdim=True) + eps) * w64
+    # q * scale is y64 rounded to x.dtype, then to one of 255 levels of the row's absmax
+    row_max = y64.abs().amax(-1, keepdim=True)
+    err = (q.double() * scale.double() - y64).abs() / row_max
+    assert float(err.max()) <= 0.5 / 127 + 2 * TOLERANCE[dtype], float(err.max())
+    assert not bool((q == -128).any())
+    # the same as the two unfused ops on the same tier (bit for bit on the reference)
+    residual_again = before.clone() if with_residual else None
+    normed = ops.add_rms_norm(x, residual_again, weight, eps, gemma=gemma)[0] if with_residual else \
+        ops.rms_norm(x, weight, eps, gemma=gemma)
+    q2, scale2 = ops.per_token_quant_int8(normed)
+    if any_branch == "reference":
+        assert torch.equal(q, q2) and torch.equal(scale, scale2)
+    else:  # the unfused rms_norm kernel may sum the squares in another order
+        assert int((q.to(torch.int32) - q2.to(torch.int32)).abs().max()) <= 1
+        assert float((q != q2).double().mean()) < 0.01
+        assert relative_error(scale, scale2) < 1e-2
+
+
+def test_rms_norm_quant_int8_rejects_bad_input():
+    x = torch.randn(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"weight has length .* 32, expected 64"):
+        ops.rms_norm_quant_int8(x, torch.ones(32))
+    with pytest.raises(ValueError, match="residual has dtype float32"):
+        ops.add_rms_norm_quant_int8(x, torch.zeros(2, 64), torch.ones(64))
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        ops.add_rms_norm_quant_int8(x, torch.zeros(64, 2, dtype=torch.float16).t(), torch.ones(64))
+
+
+# --------------------------------------------------------------------------
 # w8a8_int8_linear
 # --------------------------------------------------------------------------
 
@@ -268,35 +329,66 @@ def test_fused_moe_w8a8_rejects_bad_input():
 # checkpoint converters and configs
 # --------------------------------------------------------------------------
 
-def _compressed_tensors_config(preset: str) -> dict:
-    """A real ``quantization_config`` as compressed-tensors writes it (installed package), for a preset."""
-    qt = pytest.importorskip("compressed_tensors.quantization")
-    scheme = qt.QuantizationScheme(targets=["Linear"], **qt.preset_name_to_scheme(preset, ["Linear"]).model_dump(
-        exclude={"targets"}))
-    config = qt.QuantizationConfig(config_groups={"group_0": scheme}, format="int-quantized")
-    return config.model_dump(mode="json")
+# What compressed-tensors writes for its INT8 (INT8_W8A8) preset, format int-quantized, as
+# QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("INT8", ["Linear"])},
+# format="int-quantized").model_dump(mode="json"); test_configs_match_compressed_tensors checks it
+# against the installed package (slow: importing it takes seconds).
+INT8_W8A8_CONFIG = {
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+                    "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                              "strategy": "token", "dynamic": True},
+        "output_activations": None, "format": None}},
+    "quant_method": "compressed-tensors", "kv_cache_scheme": None, "format": "int-quantized",
+    "quantization_status": "initialized", "global_compression_ratio": None, "ignore": [], "moe_sparsity_config": None,
+}
+
+
+def _with_scheme(part: str, **changes) -> dict:
+    """INT8_W8A8_CONFIG with group_0's ``part`` changed (None removes it)."""
+    group = dict(INT8_W8A8_CONFIG["config_groups"]["group_0"])
+    group[part] = None if changes.get("remove") else {**group[part], **changes}
+    return {**INT8_W8A8_CONFIG, "config_groups": {"group_0": group}}
 
 
 def test_quant_config_accepts_int8_w8a8_and_smooth_quant():
-    config = _compressed_tensors_config("INT8")  # the INT8_W8A8 preset
-    assert config["quant_method"] == "compressed-tensors"
-    assert ops.w8a8_check_quant_config(config) == "compressed-tensors"
+    assert ops.w8a8_check_quant_config(INT8_W8A8_CONFIG) == "compressed-tensors"
     assert ops.w8a8_check_quant_config({"quant_method": "smooth_quant", "quant_dtype": "int8"}) == "smooth_quant"
     assert ops.w8a8_check_quant_config({"quant_method": "smooth_quant"}) == "smooth_quant"
 
 
 @pytest.mark.parametrize("config,message", [
-    (lambda: _compressed_tensors_config("FP8_DYNAMIC"), r"weights.type='float'.*FP8 card; the C500 has none"),
-    (lambda: {**_compressed_tensors_config("INT8"), "config_groups": {"group_0": {
-        **_compressed_tensors_config("INT8")["config_groups"]["group_0"], "input_activations": None}}},
-     "group_0.input_activations is missing"),
-    (lambda: _compressed_tensors_config("W4A16"), "weights.num_bits=4"),
-    (lambda: {"quant_method": "smooth_quant", "quant_dtype": "float8_e4m3fn"}, "quant_dtype='float8_e4m3fn'.*no"),
-    (lambda: {"quant_method": "awq", "bits": 4}, "quant_method='awq'"),
+    (_with_scheme("weights", type="float"), r"weights.type='float'.*FP8 card; the C500 has none"),
+    (_with_scheme("input_activations", remove=True), "group_0.input_activations is missing"),
+    (_with_scheme("weights", num_bits=4, strategy="group", group_size=128), "weights.num_bits=4"),
+    (_with_scheme("weights", strategy="tensor"), "weights.strategy='tensor'"),
+    (_with_scheme("input_activations", dynamic=False), "input_activations.dynamic=False"),
+    (_with_scheme("weights", symmetric=False), "weights.symmetric=False"),
+    ({**INT8_W8A8_CONFIG, "format": "float-quantized"}, "format='float-quantized'"),
+    ({"quant_method": "smooth_quant", "quant_dtype": "float8_e4m3fn"}, "quant_dtype='float8_e4m3fn'.*no"),
+    ({"quant_method": "awq", "bits": 4}, "quant_method='awq'"),
 ])
 def test_quant_config_rejects_other_schemes(config, message):
     with pytest.raises(ValueError, match=message):
-        ops.w8a8_check_quant_config(config())
+        ops.w8a8_check_quant_config(config)
+
+
+@pytest.mark.slow
+def test_configs_match_compressed_tensors():
+    """The hand-written config is the installed compressed-tensors' own; its FP8 presets are refused."""
+    qt = pytest.importorskip("compressed_tensors.quantization")
+
+    def dump(preset: str, fmt: str) -> dict:
+        scheme = qt.preset_name_to_scheme(preset, ["Linear"])
+        return qt.QuantizationConfig(config_groups={"group_0": scheme}, format=fmt).model_dump(mode="json")
+
+    assert dump("INT8", "int-quantized") == INT8_W8A8_CONFIG
+    assert ops.w8a8_check_quant_config(dump("W8A8", "int-quantized")) == "compressed-tensors"
+    for preset in ("FP8", "FP8_DYNAMIC"):
+        with pytest.raises(ValueError, match="FP8"):
+            ops.w8a8_check_quant_config(dump(preset, "float-quantized"))
 
 
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
@@ -348,9 +440,13 @@ def test_converters_reject_bad_checkpoints():
 def test_kernels_compile_for_gpu_without_spills(gpu_builds):
     builds = gpu_builds("""
         import torch
-        from maca_infer.common.ops.w8a8 import fused_moe_w8a8, per_token_quant_int8, w8a8_int8_linear
+        from maca_infer.common.ops.w8a8 import (add_rms_norm_quant_int8, fused_moe_w8a8, per_token_quant_int8,
+                                                 rms_norm_quant_int8, w8a8_int8_linear)
         per_token_quant_int8(torch.randn(4, 7168, dtype=torch.bfloat16))
         per_token_quant_int8(torch.randn(2, 18432, dtype=torch.bfloat16))  # two passes
+        rms_norm_quant_int8(torch.randn(4, 4096, dtype=torch.bfloat16), torch.ones(4096, dtype=torch.bfloat16))
+        add_rms_norm_quant_int8(torch.randn(2, 9000, dtype=torch.bfloat16), torch.randn(2, 9000, dtype=torch.bfloat16),
+                                torch.ones(9000, dtype=torch.bfloat16))  # three passes
         for t in (1, 64):
             w8a8_int8_linear(torch.zeros(t, 4096, dtype=torch.int8), torch.ones(t, 1),
                              torch.zeros(512, 4096, dtype=torch.int8), torch.ones(512), torch.zeros(512),
@@ -361,8 +457,9 @@ def test_kernels_compile_for_gpu_without_spills(gpu_builds):
                        torch.ones(2, 2), ids)
     """)
     kernels = [b["kernel"] for b in builds]
-    assert kernels[:4] == ["_per_token_quant_kernel_fn"] * 2 + ["_w8a8_gemm_kernel_fn"] * 2
-    assert [b["constexprs"]["SINGLE_BLOCK"] for b in builds[:2]] == [True, False]
+    assert kernels[:6] == (["_per_token_quant_kernel_fn"] * 2 + ["_rms_norm_quant_kernel_fn"] * 2
+                           + ["_w8a8_gemm_kernel_fn"] * 2)
+    assert [b["constexprs"]["SINGLE_BLOCK"] for b in builds[:4]] == [True, False, True, False]
     assert "_moe_w8a8_gate_up_kernel_fn" in kernels and "_moe_w8a8_down_kernel_fn" in kernels
     for build in builds:
         assert build["usage"]["LOCAL"] == 0, build
@@ -378,7 +475,7 @@ def test_kernels_use_nothing_macas_triton_lacks():
     from maca_infer.common.ops._jit import lazy_jit
 
     kernels = [v for v in vars(w8a8).values() if isinstance(v, lazy_jit)]
-    assert len(kernels) == 6
+    assert len(kernels) == 8
     for kernel in kernels:
         code = re.sub(r'"""[\s\S]*?"""|#.*', "", inspect.getsource(kernel.fn))
         for pattern in (r"\btl\.extra\b", r"inline_asm", r"libdevice", r"tensor_descriptor|TensorDescriptor"):

@@ -74,7 +74,8 @@ def test_w8a8_rows_count_int8_bytes_and_floor_at_the_int8_peak():
         lin = _case(cases, "w8a8_int8_linear", model)
         k, n = (4096, 2 * 14336) if model == "Llama-3-8B" else (7168, 2 * 18432)
         q_w, w_scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
-        q_x, x_scale, y = torch.empty(4, k, dtype=torch.int8), torch.empty(4, 1), torch.empty(4, n, dtype=torch.bfloat16)
+        q_x, x_scale = torch.empty(4, k, dtype=torch.int8), torch.empty(4, 1)
+        y = torch.empty(4, n, dtype=torch.bfloat16)
         assert lin.bytes == q_w.nbytes + w_scale.nbytes + q_x.nbytes + x_scale.nbytes + y.nbytes
         assert lin.flops == 2 * 4 * k * n
         # compute-bound at batch 4096 tokens would be judged against 560 TOPS, not 280 TFLOP/s
