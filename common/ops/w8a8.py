@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch
+from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops.moe import (
     _ACTIVATION_CODE,
@@ -430,6 +430,8 @@ def _w8a8_linear_triton(q_x, x_scale, q_w, w_scale, bias, out_dtype):
         q_x, x_scale, q_w, w_scale, bias if bias is not None else w_scale, out,
         m, n, k, q_x.stride(0), q_w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # warps and stages of the W4A16 GEMM's entry (2 stages on MACA): int8 tiles take no more shared memory
+        **_launch.options("w4a16_gemm"),
     )
     return out
 
@@ -646,6 +648,7 @@ def _fused_moe_w8a8_triton(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_i
         num_assignments, top_k, hidden, inter_size,
         q_x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), inter.stride(0),
         ACTIVATION=_ACTIVATION_CODE[activation], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **_launch.options("moe_gemm"),
     )
     q_h, h_scale = _per_token_quant_triton(inter)
     per_assignment = torch.empty((num_assignments, hidden), dtype=torch.float32, device=x.device)
@@ -654,7 +657,7 @@ def _fused_moe_w8a8_triton(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_i
         q_h, h_scale, w2, w2_scale, topk_weights, per_assignment, sorted_ids, expert_ids, num_post_pad,
         num_assignments, hidden, inter_size,
         q_h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), per_assignment.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch.options("moe_gemm"),
     )
     summed = per_assignment.view(num_tokens, top_k, hidden).sum(dim=1)
     if out is None:

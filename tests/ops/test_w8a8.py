@@ -437,25 +437,32 @@ def test_converters_reject_bad_checkpoints():
 # the device build (sm_80, no GPU): int8 mma, no spills
 # --------------------------------------------------------------------------
 
-def test_kernels_compile_for_gpu_without_spills(gpu_builds):
+@pytest.mark.parametrize("family", ("default", "MXC500"))
+def test_kernels_compile_for_gpu_without_spills(gpu_builds, family):
+    """sm_80 builds with the stand-in's and MACA's launch tables: int8 tl.dot builds, no spills, MACA's limits."""
+    from maca_infer.common.ops import _launch
+
     builds = gpu_builds("""
         import torch
+        from maca_infer.common.ops import _launch
         from maca_infer.common.ops.w8a8 import (add_rms_norm_quant_int8, fused_moe_w8a8, per_token_quant_int8,
                                                  rms_norm_quant_int8, w8a8_int8_linear)
-        per_token_quant_int8(torch.randn(4, 7168, dtype=torch.bfloat16))
-        per_token_quant_int8(torch.randn(2, 18432, dtype=torch.bfloat16))  # two passes
-        rms_norm_quant_int8(torch.randn(4, 4096, dtype=torch.bfloat16), torch.ones(4096, dtype=torch.bfloat16))
-        add_rms_norm_quant_int8(torch.randn(2, 9000, dtype=torch.bfloat16), torch.randn(2, 9000, dtype=torch.bfloat16),
-                                torch.ones(9000, dtype=torch.bfloat16))  # three passes
-        for t in (1, 64):
-            w8a8_int8_linear(torch.zeros(t, 4096, dtype=torch.int8), torch.ones(t, 1),
-                             torch.zeros(512, 4096, dtype=torch.int8), torch.ones(512), torch.zeros(512),
-                             out_dtype=torch.bfloat16)
-        ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-        fused_moe_w8a8(torch.randn(2, 256, dtype=torch.bfloat16), torch.zeros(4, 256, 256, dtype=torch.int8),
-                       torch.zeros(4, 256, 128, dtype=torch.int8), torch.ones(4, 256), torch.ones(4, 256),
-                       torch.ones(2, 2), ids)
-    """)
+        with _launch.use_family(FAMILY):
+            per_token_quant_int8(torch.randn(4, 7168, dtype=torch.bfloat16))
+            per_token_quant_int8(torch.randn(2, 18432, dtype=torch.bfloat16))  # two passes
+            rms_norm_quant_int8(torch.randn(4, 4096, dtype=torch.bfloat16), torch.ones(4096, dtype=torch.bfloat16))
+            add_rms_norm_quant_int8(torch.randn(2, 9000, dtype=torch.bfloat16),
+                                    torch.randn(2, 9000, dtype=torch.bfloat16),
+                                    torch.ones(9000, dtype=torch.bfloat16))  # three passes
+            for t in (1, 64):
+                w8a8_int8_linear(torch.zeros(t, 4096, dtype=torch.int8), torch.ones(t, 1),
+                                 torch.zeros(512, 4096, dtype=torch.int8), torch.ones(512), torch.zeros(512),
+                                 out_dtype=torch.bfloat16)
+            ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+            fused_moe_w8a8(torch.randn(2, 256, dtype=torch.bfloat16), torch.zeros(4, 256, 256, dtype=torch.int8),
+                           torch.zeros(4, 256, 128, dtype=torch.int8), torch.ones(4, 256), torch.ones(4, 256),
+                           torch.ones(2, 2), ids)
+    """.replace("FAMILY", repr(family)))
     kernels = [b["kernel"] for b in builds]
     assert kernels[:6] == (["_per_token_quant_kernel_fn"] * 2 + ["_rms_norm_quant_kernel_fn"] * 2
                            + ["_w8a8_gemm_kernel_fn"] * 2)
@@ -463,8 +470,9 @@ def test_kernels_compile_for_gpu_without_spills(gpu_builds):
     assert "_moe_w8a8_gate_up_kernel_fn" in kernels and "_moe_w8a8_down_kernel_fn" in kernels
     for build in builds:
         assert build["usage"]["LOCAL"] == 0, build
-    for build in builds:  # MACA: 64 KiB of shared memory per block
-        assert build["usage"].get("SHARED", 0) <= 64 * 1024, build
+        if family != "default":  # MACA: 64 KiB of shared memory and 512 threads (of 64-wide warps) a block
+            assert build["shared"] <= _launch.MACA_SHARED_MEMORY, build
+            assert build["num_warps"] * _launch.MACA_WARP_SIZE <= _launch.MACA_MAX_THREADS, build
 
 
 def test_kernels_use_nothing_macas_triton_lacks():
