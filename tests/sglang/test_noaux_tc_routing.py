@@ -20,6 +20,16 @@ from maca_infer.adapters.sglang import fused_ops  # noqa: E402
 from maca_infer.common.ops import _dispatch  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _stock_torch():
+    # forward_native runs torch.compile'd routing: with a torch.cuda emulation left installed by an
+    # earlier test module (LMDeploy's run in the same session), inductor would compile for CUDA
+    from maca_infer.common.device import deactivate, emulation
+
+    if emulation.is_installed():
+        deactivate()
+
+
 def _topk(top_k, *, correction_bias, num_expert_group, topk_group, on_output, scoring="sigmoid"):
     # TopK.__init__ reads the published server config; a bare test builds the module around its config.
     # is_draft skips the EPLB lookup (off in these servers too).
