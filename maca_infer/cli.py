@@ -24,6 +24,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("maca_infer.doctor", "report the maca device, toolkit, env knobs and framework versions"),
+    "setup": ("maca_infer.setup", "install lmdeploy / sglang / hf beside the host's torch, triton and vendor kernels"),
     "make-model": ("maca_infer.modelzoo.cli", "build a tiny random Hugging Face checkpoint offline"),
     "patches": ("maca_infer.patches_cli", "list/check/apply/revert our patches to upstream scripts"),
     "bench": ("maca_infer.bench_cli", "benchmarks: ops, generation (LMDeploy pipeline), serving (OpenAI API)"),

@@ -4,6 +4,8 @@ Reports, as a table or ``--json``:
 - device: the resolved kind (maca / cuda-standin / emulated) and why;
 - versions: torch, triton and the frameworks, each against its supported range;
 - toolkit: MACA_PATH, the toolkit dirs found, mx-smi and what it lists;
+  on a MetaX host, whether torch/triton are MetaX's builds (a warning, on
+  stderr too, when a PyPI build slipped in);
 - env: MetaX's knobs and the visible-device mapping, with the value in
   effect and who set it (user / maca-infer / would be set by activate());
 - adapters: which framework adapters would activate here.
@@ -158,6 +160,41 @@ def _toolkit_section(kind: str | None, problems: list[dict]) -> dict[str, Any]:
     return section
 
 
+def _vendor_builds(kind: str | None, device: dict[str, Any], toolkit: dict[str, Any], problems: list[dict]) -> None:
+    """On a MetaX host, torch and triton must be MetaX's builds (a PyPI build slipped in sees no device).
+
+    A MetaX host: the device resolved to maca, or the MACA toolkit and mx-smi are
+    here (a PyPI torch on a MetaX host resolves to emulated: that is the case
+    this catches). torch is MetaX's when ``torch.version.maca`` is set or its
+    version carries ``+metax``/``maca``; triton by its version string.
+    """
+    from maca_infer.setup import is_metax_build
+
+    host = kind == "maca" or bool(toolkit["maca_path_exists"] and toolkit["mx_smi"])
+    builds: dict[str, Any] = {}
+    for name in ("torch", "triton"):
+        version = versions.installed_version(name)
+        metax = version is not None and is_metax_build(version)
+        if name == "torch" and (device.get("evidence") or {}).get("torch_version_maca"):
+            metax = True
+        builds[name] = {"version": version, "metax_build": metax}
+        if not host or metax:
+            continue
+        if version is None:
+            what = f"{name} is not installed on this MetaX host"
+        else:
+            what = f"{name} {version} is not MetaX's build: a PyPI build does not see the MetaX device"
+        problems.append({
+            "what": what,
+            "fix": f"put MetaX's {name} wheel (+metax, MetaX's index) in its place;"
+                   " maca-infer setup then keeps it",
+            "required": False,
+            "warn": True,
+        })
+    toolkit["metax_host"] = host
+    toolkit["vendor_builds"] = builds
+
+
 def _env_section(kind: str | None, graph_mode: bool, problems: list[dict]) -> dict[str, Any]:
     """Per framework: each variable activate() handles, its value and status.
 
@@ -257,6 +294,7 @@ def collect(graph_mode: bool = False) -> dict[str, Any]:
     report: dict[str, Any] = {"device": device}
     report["versions"] = _versions_section(problems)
     report["toolkit"] = _toolkit_section(kind, problems)
+    _vendor_builds(kind, device, report["toolkit"], problems)
     report["env"] = _env_section(kind, graph_mode, problems)
     report["adapters"] = _adapters_section()
     # beside the emulation's count: every owner's declared / applied runtime patches
@@ -350,6 +388,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=False))
     else:
         print(render(report))
+    for p in report["problems"]:
+        if p.get("warn"):
+            print(f"maca-infer doctor: warning: {p['what']}; fix: {p['fix']}", file=sys.stderr)
     if not report["ok"]:
         for p in report["problems"]:
             if p["required"]:
