@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # ~1000x slower; passive waiting costs nothing on a real device.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast mutants bench clean
+.PHONY: install demo test test-fast mutants bench device-check clean
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ mutants: install
 
 bench: install
 	$(PY) -m maca_infer.bench
+
+# Device acceptance (tools/device_check.py): on a MACA or CUDA card, compiled kernels vs references,
+# per-kernel shared memory/registers/spills and tiers, bench ops vs floors, LMDeploy/SGLang greedy
+# parity with HF; one Markdown report. Exits 2 at once without a device.
+# DEVICE_CHECK_ARGS="--steps ops,resources --budget-s 300 --out report.md"
+DEVICE_CHECK_ARGS ?=
+device-check: install
+	$(PY) tools/device_check.py $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
