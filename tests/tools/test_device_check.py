@@ -278,8 +278,11 @@ def test_resources_worker_records_each_kernel_once_with_its_op_and_the_tiers(tmp
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 to run Triton kernels on CPU tensors")
-    from maca_infer.common.ops import _jit
+    from maca_infer.common.ops import _dispatch, _jit
 
+    # the worker runs in a fresh process on the card: no tiers from earlier tests in this one
+    monkeypatch.setattr(_dispatch, "_last", {})
+    monkeypatch.setattr(_dispatch, "_fallbacks", [])
     cases = [c for c in dc._small_cases() if c.model == "Llama-3-8B" and c.op in ("rms_norm", "silu_and_mul")]
 
     def raising(dev):
