@@ -233,6 +233,10 @@ def resolve(refresh: bool = False) -> Resolution:
     ``refresh=True`` re-reads the environment and the host.
     """
     global _cached
+    # torch first, outside the lock: importing it runs our torch.backends autoload, which resolves too
+    # (the same thread would wait on itself); inside that autoload torch is already in sys.modules.
+    import torch  # noqa: F401
+
     with _lock:
         if _cached is not None and not refresh:
             return _cached

@@ -230,3 +230,19 @@ def test_transformers_model_written_for_cuda_matches_cpu(run_python, tmp_path):
     # from_pretrained builds under `with torch.device("meta")`: rope buffers included
     torch.testing.assert_close(torch.tensor(got["logits"]), want_logits, rtol=1e-5, atol=1e-5)
     assert got["tokens"] == want_tokens
+
+
+def test_resolve_before_torch_is_imported_does_not_wait_on_itself(run_python):
+    """resolve() imports torch; torch's autoload resolves too: the first call must not hold the lock then."""
+    done = run_python(
+        """
+        import sys
+        from maca_infer.common.device import resolve
+        assert "torch" not in sys.modules
+        print(resolve().kind)
+        """,
+        env={"MACA_INFER_DEVICE": "emulated"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["emulated"]
