@@ -8,6 +8,10 @@
   set and the stock-CUDA seam of device detection answering "one MetaX
   device". No MetaX binary or driver is involved.
 - ``maca_tree_factory``: builds such a tree where a test wants its own.
+- ``no_kernel_launch``: any Triton launch through ``lazy_jit`` fails the test
+  (an empty batch has nothing to launch); ``ops_tier``: both op tiers
+  (reference, interpreted Triton) with no launch allowed, for the adapters'
+  zero-token tests.
 """
 
 from __future__ import annotations
@@ -98,3 +102,22 @@ def fake_maca_host(tmp_path, monkeypatch):
 def maca_tree_factory():
     """``make_maca_tree(root, smi_fixture=..., topo_fixture=...)`` for tests that build their own tree."""
     return make_maca_tree
+
+
+@pytest.fixture
+def no_kernel_launch(monkeypatch):
+    """Any Triton launch through lazy_jit fails the test: an empty batch has nothing to launch."""
+    from maca_infer.common.ops import _jit
+
+    def launch(self, grid):
+        raise AssertionError(f"{self.fn.__name__} was launched with grid {grid} for an empty batch")
+
+    monkeypatch.setattr(_jit.lazy_jit, "__getitem__", launch)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def ops_tier(request, monkeypatch, no_kernel_launch):
+    """Both op tiers (Triton interpreted); any kernel launch fails the test."""
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", request.param)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
