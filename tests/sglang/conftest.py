@@ -68,6 +68,10 @@ def server_env(**extra: str) -> dict:
     return env
 
 
+def _server_cmd(model: str | Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1", *args]
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left (scheduler / detokenizer children too)."""
     with contextlib.suppress(ProcessLookupError):
@@ -106,7 +110,7 @@ def launch_server(model: str | Path, *args: str, log_dir: Path, env: dict | None
     """
     port = free_port()
     env = dict(env or server_env())
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1", *args]
+    cmd = _server_cmd(model, *args)
     if nnodes > 1:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         cmd += ["--nnodes", str(nnodes), "--dist-init-addr", f"127.0.0.1:{free_port()}"]
@@ -156,8 +160,7 @@ def expect_failure(model: str | Path, *args: str, log_dir: Path, until: str, tim
     """
     port = free_port()
     log_path = log_dir / f"sglang-{port}-expected-failure.log"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1",
-           "--port", str(port), *args]
+    cmd = _server_cmd(model, "--port", str(port), *args)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
     try:
@@ -180,19 +183,7 @@ def expect_failure(model: str | Path, *args: str, log_dir: Path, until: str, tim
 
 def hf_greedy(model_path, prompts_ids: list[list[int]], max_new_tokens: int, dtype="bfloat16") -> list[list[int]]:
     """Hugging Face generate, greedy, one prompt at a time (no padding effects)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype))
-    model.eval()
-    outs = []
-    with torch.no_grad():
-        for ids in prompts_ids:
-            inp = torch.tensor([ids])
-            gen = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
-                                 do_sample=False, min_new_tokens=max_new_tokens)
-            outs.append(gen[0, len(ids):].tolist())
-    return outs
+    return [tokens for tokens, _ in hf_greedy_with_logits(model_path, prompts_ids, max_new_tokens, dtype)]
 
 
 def hf_greedy_with_logits(model_path, prompts_ids: list[list[int]], max_new_tokens: int, dtype="float32"):

@@ -62,20 +62,18 @@ COMMON = ("--attention-backend", "maca", "--dtype", "float32", "--max-running-re
 DP_ATTENTION = ("--tp", "2", "--dp", "2", "--enable-dp-attention")
 
 
-def _generate_one(url: str, ids: list[int]) -> list[int]:
-    r = requests.post(url + "/generate", json={
+def _generate_one(server, ids: list[int]) -> list[int]:
+    return server.post("/generate", {
         "input_ids": ids,
         "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
-    }, timeout=REQUEST_TIMEOUT_S)
-    assert r.status_code == 200, f"/generate -> {r.status_code}: {r.text[:2000]}"
-    return r.json()["output_ids"]
+    }, timeout=REQUEST_TIMEOUT_S)["output_ids"]
 
 
-def _single_then_concurrent(url: str, prompts: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+def _single_then_concurrent(server, prompts: list[list[int]]) -> tuple[list[int], list[list[int]]]:
     """One request alone (one DP rank idle), then all prompts as concurrent requests."""
-    single = _generate_one(url, prompts[0])
+    single = _generate_one(server, prompts[0])
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        concurrent_out = list(pool.map(lambda ids: _generate_one(url, ids), prompts))
+        concurrent_out = list(pool.map(lambda ids: _generate_one(server, ids), prompts))
     return single, concurrent_out
 
 
@@ -103,14 +101,14 @@ def prompts(model_path):
 def tp1_answers(kind, model_path, prompts, sglang_launcher, tmp_path_factory):
     with sglang_launcher(model_path, "--tp", "1", *COMMON, *MODELS[kind],
                          log_dir=tmp_path_factory.mktemp("sglang")) as server:
-        return [_generate_one(server.url, ids) for ids in prompts]
+        return [_generate_one(server, ids) for ids in prompts]
 
 
 def test_dp_attention_matches_tp1(kind, model_path, prompts, tp1_answers, sglang_launcher, tmp_path_factory):
     with sglang_launcher(model_path, *DP_ATTENTION, *COMMON, *MODELS[kind],
                          log_dir=tmp_path_factory.mktemp("sglang")) as server:
         try:
-            single, concurrent_out = _single_then_concurrent(server.url, prompts)
+            single, concurrent_out = _single_then_concurrent(server, prompts)
         except (AssertionError, requests.RequestException) as exc:
             pytest.fail(f"{kind}: DP-attention server failed a request: {exc}\n{server.all_logs(8000)}")
         log = server.log()
@@ -127,7 +125,7 @@ def test_two_nodes_dp_attention_matches_tp1(kind, model_path, prompts, tp1_answe
         pytest.skip(f"the multi-node launch runs once, on the dense {DENSE}")
     with sglang_launcher(model_path, *DP_ATTENTION, *COMMON, *MODELS[kind], log_dir=tmp_path, nnodes=2) as server:
         try:
-            single, concurrent_out = _single_then_concurrent(server.url, prompts)
+            single, concurrent_out = _single_then_concurrent(server, prompts)
         except (AssertionError, requests.RequestException) as exc:
             pytest.fail(f"two-node DP-attention server failed a request: {exc}\n{server.all_logs()}")
     assert single == tp1_answers[0]
