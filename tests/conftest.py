@@ -12,6 +12,9 @@
   (an empty batch has nothing to launch); ``ops_tier``: both op tiers
   (reference, interpreted Triton) with no launch allowed, for the adapters'
   zero-token tests.
+- ``smollm2_dir`` / ``smollm2_ref``: the real model's HF folder and its
+  stock float32 Hugging Face reference (tests/hf_real_model.py, run once per
+  session in a clean process), for the real-model tests of every framework.
 """
 
 from __future__ import annotations
@@ -121,3 +124,23 @@ def ops_tier(request, monkeypatch, no_kernel_launch):
     monkeypatch.setenv("MACA_INFER_OPS_IMPL", request.param)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from maca_infer.modelzoo import get
+
+    return str(get("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref(smollm2_dir) -> dict:
+    """tests/hf_real_model.py's answer for SmolLM2: stock torch on the CPU, no maca-infer device in that process."""
+    import json
+
+    env = _clean_env({"OMP_NUM_THREADS": "1", "MACA_INFER_MODEL_CACHE": os.environ.get("MACA_INFER_MODEL_CACHE", "")})
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "hf_real_model.py")],
+                          input=json.dumps({"model": smollm2_dir, "preset": "smollm2"}),
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)

@@ -11,11 +11,6 @@ to "What is the capital of France?". Our ops must be the ones computing.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,25 +19,16 @@ pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    from maca_infer.modelzoo import get
-
-    return str(get("smollm2"))
+def model_dir(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MACA_INFER_")}  # stock torch on the CPU
-    env.update(OMP_NUM_THREADS="1", MACA_INFER_MODEL_CACHE=os.environ.get("MACA_INFER_MODEL_CACHE", ""))
-    proc = subprocess.run([sys.executable, str(TESTS / "hf_real_model.py")],
-                          input=json.dumps({"model": model_dir, "preset": "smollm2"}),
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+def ref(smollm2_ref):
+    return smollm2_ref
 
 
 def test_enable_on_smollm2_equals_hf_greedy(model_dir, ref, op_calls):

@@ -28,33 +28,24 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from lmdeploy_helpers import TIE_TOLERANCE, clean_env, free_port, stop_process, wait_http
+from lmdeploy_helpers import TIE_TOLERANCE, free_port, stop_process, wait_http
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parents[1]
 BF16_TIE = TIE_TOLERANCE["bfloat16"]
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    from maca_infer.modelzoo import get
-
-    return str(get("smollm2"))
+def model_dir(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    proc = subprocess.run([sys.executable, str(TESTS / "hf_real_model.py")],
-                          input=json.dumps({"model": model_dir, "preset": "smollm2"}),
-                          capture_output=True, text=True, timeout=600,
-                          env=clean_env(MACA_INFER_MODEL_CACHE=os.environ.get("MACA_INFER_MODEL_CACHE", "")))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+def ref(smollm2_ref):
+    return smollm2_ref
 
 
 def assert_matches_hf(got: list[list[int]], ref: dict, tol: float = BF16_TIE) -> int:
