@@ -11,8 +11,9 @@ MetaX's torch, triton, flash_attn, ...):
   a PyPI one;
 - each framework goes in with ``--no-deps`` (their declared pins ask for
   other torch/triton builds and CUDA-only kernel packages), pinned to the
-  version tested here (or the one asked for: ``sglang==0.5.22``), then the
-  pure-Python packages it imports, resolved by pip under the constraints.
+  version tested here (or the one asked for: ``sglang==0.5.22``; for hf,
+  ``transformers==4.46.3`` / ``diffusers==0.31.0``), then the pure-Python
+  packages it imports, resolved by pip under the constraints.
 
 Before pip runs, it refuses with one line naming the reason: torch missing,
 a host torch outside common/versions.py's range, a framework version outside
@@ -57,7 +58,8 @@ FRAMEWORKS: dict[str, dict[str, str]] = {
 _TRANSFORMERS = f"transformers{versions.SUPPORTED['transformers'][0]}"
 DEPS: dict[str, tuple[str, ...]] = {
     "lmdeploy": (
-        _TRANSFORMERS, "accelerate", "cloudpickle", "einops", "fastapi", "fire", "mmengine-lite", "openai",
+        "transformers>=4.56,<6",  # lmdeploy 0.18 declares transformers>=4.56.0
+        "accelerate", "cloudpickle", "einops", "fastapi", "fire", "mmengine-lite", "openai",
         "openai_harmony", "partial_json_parser", "pillow", "protobuf", "pybase64", "pydantic", "pyzmq",
         "safetensors", "sentencepiece", "shortuuid", "tiktoken", "uvicorn", "xgrammar==0.2.7",
     ),
@@ -73,6 +75,10 @@ DEPS: dict[str, tuple[str, ...]] = {
         "filelock", "requests", "importlib_metadata", "pillow", "accelerate", "gguf",
     ),
 }
+
+# Frameworks whose own declared requirements are pure Python: their pins also go into the
+# dependency line, so pip installs what that version asks for (transformers 4.46.3: tokenizers<0.21).
+OWN_DEPS_RESOLVED = ("hf",)
 
 # (distribution, its versions, the host torch they need, why). First match per distribution decides.
 COMPAT: tuple[tuple[str, str, str, str], ...] = (
@@ -123,20 +129,31 @@ def constraints_text(protected: dict[str, str | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_target(text: str) -> tuple[str, str | None]:
-    """``sglang`` or ``sglang==0.5.22`` -> (framework, version or None); SetupRefused on bad input."""
+def parse_target(text: str) -> tuple[str, dict[str, str]]:
+    """``sglang``, ``sglang==0.5.22`` or ``transformers==4.46.3`` -> (framework, {distribution: version asked});
+    SetupRefused on bad input."""
     name, _, version = text.partition("==")
     name = name.strip().lower()
-    if name not in FRAMEWORKS:
-        raise SetupRefused(f"maca-infer setup: unknown framework {text!r}; choose from {', '.join(FRAMEWORKS)}")
-    if version:
-        if len(FRAMEWORKS[name]) != 1:
-            raise SetupRefused(f"maca-infer setup: {name} installs {', '.join(FRAMEWORKS[name])}; give no version")
-        try:
-            Version(version)
-        except InvalidVersion:
-            raise SetupRefused(f"maca-infer setup: {text!r}: {version!r} is not a version") from None
-    return name, version or None
+    owner = {dist: fw for fw, dists in FRAMEWORKS.items() for dist in dists if dist != fw}
+    if name in owner:
+        if not version:
+            raise SetupRefused(f"maca-infer setup: {text!r}: name a version ({name}==V) or the framework {owner[name]}")
+        framework, dist = owner[name], name
+    elif name in FRAMEWORKS:
+        if version and len(FRAMEWORKS[name]) != 1:
+            raise SetupRefused(f"maca-infer setup: {name} installs {', '.join(FRAMEWORKS[name])}; give no version "
+                               f"(ask for {' / '.join(d + '==V' for d in FRAMEWORKS[name])} instead)")
+        framework, dist = name, name
+    else:
+        raise SetupRefused(f"maca-infer setup: unknown framework {text!r}; choose from {', '.join(FRAMEWORKS)} "
+                           f"(or {', '.join(d + '==V' for d in owner)})")
+    if not version:
+        return framework, {}
+    try:
+        Version(version)
+    except InvalidVersion:
+        raise SetupRefused(f"maca-infer setup: {text!r}: {version!r} is not a version") from None
+    return framework, {dist: version}
 
 
 def check_torch(torch_version: str | None) -> None:
@@ -169,6 +186,18 @@ def check_compat(dist: str, version: str, torch_version: str) -> None:
                     "or install a MetaX torch build that fits"
                 )
             return
+
+
+def check_pins_meet_deps(pins: list[str], deps: list[str]) -> None:
+    """A pinned version that another framework's requirement excludes (lmdeploy with transformers==4.46.3)."""
+    for pin in map(Requirement, pins):
+        version = str(pin.specifier).removeprefix("==")
+        for dep in map(Requirement, deps):
+            if canonicalize_name(dep.name) == canonicalize_name(pin.name) and version not in dep.specifier:
+                raise SetupRefused(
+                    f"maca-infer setup: {pin.name} {version} does not meet {dep} (needed by another framework "
+                    "asked for); ask for a version that meets it"
+                )
 
 
 @dataclass
@@ -218,10 +247,10 @@ def make_plan(targets: list[str]) -> Plan:
     check_torch(protected["torch"])
     torch_version = protected["torch"]
     assert torch_version is not None
-    chosen: dict[str, str | None] = {}
+    chosen: dict[str, dict[str, str]] = {}
     for text in targets:
-        name, version = parse_target(text)
-        chosen[name] = version
+        name, asked = parse_target(text)
+        chosen.setdefault(name, {}).update(asked)
     if any(name in ("lmdeploy", "sglang") for name in chosen) and protected["triton"] is None:
         raise SetupRefused(
             "maca-infer setup: triton is not installed; lmdeploy and sglang need it: install MetaX's triton "
@@ -230,13 +259,16 @@ def make_plan(targets: list[str]) -> Plan:
     pins: list[str] = []
     deps: list[str] = []
     for name, asked in chosen.items():
+        own = []
         for dist, tested in FRAMEWORKS[name].items():
-            version = asked or tested
+            version = asked.get(dist, tested)
             check_compat(dist, version, torch_version)
-            pins.append(f"{dist}=={version}")
-        for dep in DEPS[name]:
+            own.append(f"{dist}=={version}")
+        pins += own
+        for dep in (own if name in OWN_DEPS_RESOLVED else []) + list(DEPS[name]):
             if dep not in deps:
                 deps.append(dep)
+    check_pins_meet_deps(pins, deps)
     protected_names = {canonicalize_name(n) for n in PROTECTED}
     for item in pins + deps:
         if canonicalize_name(Requirement(item).name) in protected_names:
@@ -262,7 +294,8 @@ def render_plan(plan: Plan, constraints_path: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "frameworks", nargs="*", metavar="FRAMEWORK",
-        help=f"any of {', '.join(FRAMEWORKS)} (lmdeploy==V / sglang==V for another version in range)",
+        help=f"any of {', '.join(FRAMEWORKS)} (lmdeploy==V / sglang==V / transformers==V / diffusers==V "
+             "for another version in range)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the protected set, constraints and pip lines; install nothing")
 

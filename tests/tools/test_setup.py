@@ -118,12 +118,46 @@ def test_refuses_lmdeploy_and_sglang_without_triton_but_not_hf(monkeypatch, caps
     ("sglang==0.6.1", "sglang 0.6.1 is outside the supported range"),
     ("lmdeploy==banana", "is not a version"),
     ("hf==5.0", "give no version"),
+    ("transformers", "name a version (transformers==V) or the framework hf"),
+    ("diffusers==0.30.0", "diffusers 0.30.0 is outside the supported range"),
 ])
 def test_bad_input_is_one_line(monkeypatch, capsys, arg, needle):
     fake_host(monkeypatch)
     assert main(["setup", arg, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0
+
+
+def _pip_lines(out: str) -> list[list[str]]:
+    return [shlex.split(line.strip()) for line in out.splitlines() if " -m pip install " in line]
+
+
+def test_hf_package_versions_can_be_asked_for(monkeypatch, capsys):
+    # the vendor CI lane: hf at the seed's versions, then lmdeploy with the lowest transformers it accepts
+    fake_host(monkeypatch, torch="2.10.0+metax3.8.0.7")
+    assert main(["setup", "hf", "transformers==4.56.0", "diffusers==0.31.0", "--dry-run"]) == 0
+    first, second = _pip_lines(capsys.readouterr().out)
+    assert "--no-deps" in first and {"transformers==4.56.0", "diffusers==0.31.0"} <= set(first)
+    assert "transformers==5.19.0" not in first and "diffusers==0.42.1" not in first
+    # their declared (pure-Python) requirements are resolved too: transformers pins its tokenizers
+    assert {"transformers==4.56.0", "diffusers==0.31.0"} <= set(second)
+    # a package version alone means its framework, the other package at the tested version
+    assert main(["setup", "lmdeploy", "transformers==4.56.0", "--dry-run"]) == 0
+    first, second = _pip_lines(capsys.readouterr().out)
+    assert {"lmdeploy==0.18.0", "transformers==4.56.0", "diffusers==0.42.1"} <= set(first)
+    assert {"transformers==4.56.0", "transformers>=4.56,<6"} <= set(second)
+    assert "lmdeploy==0.18.0" not in second  # its declared pins (torch<=2.12.1, CUDA packages) never go to pip
+
+
+def test_refuses_a_transformers_that_lmdeploy_does_not_accept(monkeypatch, capsys):
+    fake_host(monkeypatch, torch="2.10.0+metax3.8.0.7")
+    monkeypatch.setitem(versions.SUPPORTED, "transformers", (">=4.46,<6", "as the HF adapter may support"))
+    assert main(["setup", "hf", "transformers==4.46.3", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["setup", "lmdeploy", "transformers==4.46.3", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "transformers 4.46.3 does not meet transformers<6,>=4.56" in err
 
 
 def test_no_plan_uninstalls_upgrades_or_installs_a_protected_package(monkeypatch):
