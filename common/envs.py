@@ -28,9 +28,10 @@ VARIABLES: dict[str, tuple[tuple[str, ...] | None, str, str]] = {
         "CUDA stand-in, or the CPU emulation",
     ),
     "MACA_INFER_OPS_IMPL": (
-        ("auto", "reference", "triton"),
+        ("auto", "vendor", "triton", "reference"),
         "auto",
-        "force an op implementation; an explicit one that cannot run raises",
+        "force an op implementation (vendor: MetaX's flash_attn / flash_mla / mcoplib kernels); "
+        "an explicit one that cannot run or cannot serve a call raises",
     ),
     "MACA_INFER_OPS_FALLBACK": (
         ("0", "1"),
@@ -86,6 +87,7 @@ EXTERNAL: dict[str, str] = {
     "DLINFER_LINEAR_USE_NN_LAYOUT": "dlinfer: 1 means linear weights are [K, N] (x @ W) instead of [N, K]",
     "SGLANG_PLATFORM": "SGLang: the sglang.srt.platforms entry point to use",
     "SGLANG_CPU_OMP_THREADS_BIND": "SGLang: cores of each CPU rank's OpenMP threads",
+    "MACA_SMALL_PAGESIZE_ENABLE": "MetaX: 1 lets MetaX's flash_attn take paged KV caches with small pages (16..128)",
 }
 
 
@@ -187,6 +189,11 @@ def maca_path(default: str) -> str:
 def dlinfer_linear_nn_layout() -> bool:
     """dlinfer's DLINFER_LINEAR_USE_NN_LAYOUT=1: ``linear`` weights come as [K, N]."""
     return (external("DLINFER_LINEAR_USE_NN_LAYOUT") or "0").strip() == "1"
+
+
+def maca_small_pages() -> bool:
+    """MetaX's MACA_SMALL_PAGESIZE_ENABLE=1: its flash_attn accepts small KV-cache pages."""
+    return (external("MACA_SMALL_PAGESIZE_ENABLE") or "0").strip() == "1"
 
 
 def sglang_platform() -> str:

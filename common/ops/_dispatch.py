@@ -1,11 +1,22 @@
-"""Choosing an op implementation: the Triton kernel or the torch reference.
+"""Choosing an op implementation: MetaX's vendor kernel, the Triton kernel or the torch reference.
+
+Three tiers, tried in this order by ``auto``: ``vendor`` (MetaX's own
+libraries: flash_attn, flash_mla, mcoplib; ``vendor.py`` marshals each call),
+``triton``, ``reference``.
 
 Rules (one for every op):
 - ``MACA_INFER_OPS_IMPL=reference``: the torch reference, always.
+- ``MACA_INFER_OPS_IMPL=vendor``: the vendor kernel, on any device where the
+  vendor library imports (CPU tests put fakes of it on the path), or an error
+  saying why it cannot serve the call (library missing; a dtype, head dim or
+  page size it does not take; an op without a vendor kernel).
 - ``MACA_INFER_OPS_IMPL=triton``: the Triton kernel, or an error saying why it
   cannot run (triton missing; CPU tensors without ``TRITON_INTERPRET=1``).
   An explicit request never falls back.
-- ``auto`` (default): the Triton kernel when the tensors live on a device
+- ``auto`` (default): on a real MACA device, the vendor kernel when its
+  library imports and it serves the call (else the next tier, one debug line
+  per op and reason; a vendor kernel that *fails* raises). Then the Triton
+  kernel when the tensors live on a device
   (real MACA or a CUDA stand-in) and triton imports; the reference otherwise
   (the emulated maca device). If an auto-picked kernel fails to build or
   launch on a device, that is an error naming the op, the input shapes and
@@ -43,6 +54,12 @@ logger = get_logger(__name__)
 
 REFERENCE = "reference"
 TRITON = "triton"
+VENDOR = "vendor"
+TIERS = (VENDOR, TRITON, REFERENCE)
+
+
+class CannotServe(Exception):
+    """Raised by a vendor marshaller (``vendor.py``) before it launches anything: the message says why."""
 
 _last: dict[str, str] = {}
 _broken: set[str] = set()  # ops whose auto-picked kernel failed once
@@ -57,12 +74,29 @@ def _on_device(tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in tensors)
 
 
-def select_impl(op: str, *tensors: torch.Tensor) -> str:
-    """Which implementation of ``op`` runs for these tensors (see module doc)."""
+def select_impl(op: str, *tensors: torch.Tensor, vendor: bool = False) -> str:
+    """Which implementation of ``op`` runs for these tensors (see module doc).
+
+    ``vendor``: the op has a vendor tier. ``vendor`` is only a first choice:
+    ``dispatch`` moves on to the next tier when the vendor cannot serve a call
+    in ``auto``.
+    """
     forced = envs.ops_impl()
     if forced == REFERENCE:
         return REFERENCE
+    if forced == VENDOR:
+        if not vendor:
+            raise RuntimeError(f"{op}: MACA_INFER_OPS_IMPL=vendor but MetaX's libraries have no kernel for this op; "
+                               "use auto, triton or reference")
+        return VENDOR
     on_device = _on_device(tensors)
+    if forced != TRITON and vendor and on_device and _device_kind() == "maca":
+        return VENDOR
+    return _kernel_or_reference(op, tensors, on_device)
+
+
+def _kernel_or_reference(op: str, tensors, on_device: bool) -> str:
+    forced = envs.ops_impl()
     if forced == TRITON:
         if not triton_available():
             raise RuntimeError(
@@ -83,17 +117,35 @@ def select_impl(op: str, *tensors: torch.Tensor) -> str:
     return REFERENCE
 
 
-def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensors, *args, empty: bool = False,
-             **kwargs):
+def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensors, *args,
+             vendor_fn: Callable | None = None, empty: bool = False, **kwargs):
     """Run ``op`` with the implementation ``select_impl`` picks.
 
     ``tensors`` are the inputs that decide the device; ``args``/``kwargs`` go
     to the chosen function. ``triton_fn`` may be None for ops that have no
     kernel yet: then only the reference exists, and forcing triton raises.
+    ``vendor_fn`` (same arguments) marshals the call to MetaX's library or
+    raises :class:`CannotServe` before launching anything; None: no vendor tier.
     ``empty``: the batch has no tokens; the implementation is chosen (so a
     misconfigured tier still raises) but not run, and None is returned.
     """
-    impl = select_impl(op, *tensors)
+    impl = select_impl(op, *tensors, vendor=vendor_fn is not None)
+    if impl == VENDOR:
+        if empty:
+            _record(op, VENDOR)
+            return None
+        try:
+            out = vendor_fn(*args, **kwargs)
+        except CannotServe as exc:
+            if envs.ops_impl() == VENDOR:
+                raise RuntimeError(f"{op}: MACA_INFER_OPS_IMPL=vendor cannot serve this call: {exc}. "
+                                   "Use auto (falls through to triton) or MACA_INFER_OPS_IMPL=triton|reference"
+                                   ) from exc
+            log_once(logger, logging.DEBUG, "%s: the vendor kernel cannot serve this call (%s); next tier", op, exc)
+            impl = _kernel_or_reference(op, tensors, _on_device(tensors))
+        else:
+            _record(op, VENDOR)
+            return out
     if impl == TRITON and triton_fn is None:
         if envs.ops_impl() == TRITON:
             raise RuntimeError(f"{op}: no Triton kernel exists for this op; only the reference")
@@ -154,7 +206,7 @@ def fallbacks() -> list[dict[str, str]]:
 
 
 def tiers() -> dict[str, str]:
-    """op -> the implementation that served it last, for every op that ran in this process."""
+    """op -> the implementation (vendor / triton / reference) that served it last, for every op that ran here."""
     return dict(sorted(_last.items()))
 
 

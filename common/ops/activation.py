@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
@@ -120,7 +120,7 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     """
     out = _prepare("silu_and_mul", x, out)
     _dispatch.dispatch("silu_and_mul", _act_and_mul_triton, _act_and_mul_reference, (x,), x, out, "silu",
-                       empty=out.numel() == 0)
+                       vendor_fn=vendor.act_and_mul, empty=out.numel() == 0)
     return out
 
 

@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
 from maca_infer.common.ops._triton_helpers import (
@@ -785,7 +785,10 @@ def varlen_attention(
         return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sliding_window,
                                  logit_softcap, alibi_slopes, out)
 
-    _dispatch.dispatch(op, run_triton, run_reference, (q, k, v), empty=q.shape[0] == 0)
+    _dispatch.dispatch(op, run_triton, run_reference, (q, k, v), empty=q.shape[0] == 0,
+                       vendor_fn=lambda: vendor.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
+                                                        scale, causal, sliding_window, logit_softcap, alibi_slopes,
+                                                        out, paged=False))
     return out
 
 
@@ -868,7 +871,10 @@ def paged_prefill_attention(
         return _paged_prefill_reference(q, key_cache, value_cache, block_table, cu_seqlens_q, kv_seqlens, scale,
                                         causal, sliding_window, logit_softcap, alibi_slopes, out)
 
-    _dispatch.dispatch(op, run_triton, run_reference, (q, key_cache, value_cache), empty=q.shape[0] == 0)
+    _dispatch.dispatch(op, run_triton, run_reference, (q, key_cache, value_cache), empty=q.shape[0] == 0,
+                       vendor_fn=lambda: vendor.prefill(q, key_cache, value_cache, cu_seqlens_q, kv_seqlens, block_table,
+                                                        max_seqlen_q, scale, causal, sliding_window, logit_softcap,
+                                                        alibi_slopes, out, paged=True))
     return out
 
 
@@ -955,5 +961,5 @@ def paged_decode_attention(
     args = (q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
             alibi_slopes, num_kv_splits, out4, lse3)
     _dispatch.dispatch(op, _decode_triton, _decode_reference, (q, key_cache, value_cache), *args,
-                       empty=batch == 0)
+                       vendor_fn=vendor.paged_decode, empty=batch == 0)
     return (out, lse) if return_lse else out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 _TILE = 4096  # elements of one (heads x dims) tile of a program
@@ -165,4 +165,5 @@ def fill_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tenso
     check_slots_in_range(op, slot_mapping, key_cache.shape[0] * block_size)
     _dispatch.dispatch(op, _fill_kv_cache_triton, _fill_kv_cache_reference,
                        (key, value, key_cache, value_cache, slot_mapping),
-                       key, value, key_cache, value_cache, slot_mapping, empty=num_tokens == 0)
+                       key, value, key_cache, value_cache, slot_mapping, vendor_fn=vendor.fill_kv_cache,
+                       empty=num_tokens == 0)

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl
 from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
 from maca_infer.common.ops._triton_helpers import LOG2E, online_softmax_finish, online_softmax_step
@@ -494,7 +494,7 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
     _dispatch.dispatch(op, _mla_decode_triton, _mla_decode_reference,
                        (q_nope, q_rope, cache, block_table, kv_seqlens),
                        q_nope, q_rope, cache, block_table, kv_seqlens, float(scale), num_kv_splits, out, lse,
-                       empty=batch == 0)
+                       vendor_fn=vendor.mla_decode, empty=batch == 0)
     return (out, lse) if return_lse else out
 
 

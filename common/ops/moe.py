@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
 from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
 from maca_infer.common.ops.quant import _as_uint8_packing, _dequant_fp32, _resolve_group_size
@@ -148,7 +148,8 @@ def moe_topk_softmax(router_logits: torch.Tensor, top_k: int,
     _check_router_logits(op, router_logits, top_k)
     empty = router_logits.shape[0] == 0
     routing = _dispatch.dispatch(op, _moe_topk_softmax_triton, _moe_topk_softmax_reference, (router_logits,),
-                                 router_logits, top_k, bool(renormalize), empty=empty)
+                                 router_logits, top_k, bool(renormalize), vendor_fn=vendor.moe_topk_softmax,
+                                 empty=empty)
     return _empty_routing(router_logits, top_k) if empty else routing
 
 

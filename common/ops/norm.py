@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 
@@ -185,7 +185,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma:
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _dispatch.dispatch(op, _rms_norm_triton, _rms_norm_reference, (x, weight),
-                       x, None, weight, float(eps), bool(gemma), out, empty=x.numel() == 0)
+                       x, None, weight, float(eps), bool(gemma), out, vendor_fn=vendor.rms_norm, empty=x.numel() == 0)
     return out
 
 
@@ -227,5 +227,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _dispatch.dispatch(op, _rms_norm_triton, _rms_norm_reference, (x, residual, weight),
-                       x, residual, weight, float(eps), bool(gemma), out, empty=x.numel() == 0)
+                       x, residual, weight, float(eps), bool(gemma), out, vendor_fn=vendor.rms_norm,
+                       empty=x.numel() == 0)
     return out, residual

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from maca_infer.common.ops import _checks, _dispatch, _launch
+from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 
 STYLES = ("neox", "gptj")
@@ -216,7 +216,8 @@ def apply_rotary(query: torch.Tensor, key: torch.Tensor | None, cos: torch.Tenso
     _checks.check_size(op, "cos", cos.shape[0], query.shape[0], "num_tokens")
     _checks.check_same_device(op, query=query, key=key, cos=cos, sin=sin)
     _dispatch.dispatch(op, _rotary_triton, _rotary_reference, (query, key, cos, sin),
-                       query, key, q_out, k_out, cos, sin, None, cos.shape[1], style, empty=query.shape[0] == 0)
+                       query, key, q_out, k_out, cos, sin, None, cos.shape[1], style, vendor_fn=vendor.rotary,
+                       empty=query.shape[0] == 0)
     return q_out, k_out
 
 
@@ -265,6 +266,6 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     cos = cos_sin_cache[:, :half_rotary]
     sin = cos_sin_cache[:, half_rotary:]
     _dispatch.dispatch(op, _rotary_triton, _rotary_reference, (query, key, cos_sin_cache),
-                       query, key, q_out, k_out, cos, sin, positions, half_rotary, style,
+                       query, key, q_out, k_out, cos, sin, positions, half_rotary, style, vendor_fn=vendor.rotary,
                        empty=query.shape[0] == 0)
     return q_out, k_out
