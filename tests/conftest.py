@@ -12,6 +12,9 @@
   (an empty batch has nothing to launch); ``ops_tier``: both op tiers
   (reference, interpreted Triton) with no launch allowed, for the adapters'
   zero-token tests.
+- ``vendor_fakes``: CPU fakes of MetaX's flash_attn / flash_mla / mcoplib
+  (tests/ops/vendor_fakes) importable and ``MACA_INFER_OPS_IMPL=vendor``
+  forced, for the vendor tier's contract tests; removed again afterwards.
 - ``smollm2_dir`` / ``smollm2_ref``: the real model's HF folder and its
   stock float32 Hugging Face reference (tests/hf_real_model.py, run once per
   session in a clean process), for the real-model tests of every framework.
@@ -116,6 +119,34 @@ def no_kernel_launch(monkeypatch):
         raise AssertionError(f"{self.fn.__name__} was launched with grid {grid} for an empty batch")
 
     monkeypatch.setattr(_jit.lazy_jit, "__getitem__", launch)
+
+
+VENDOR_FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops", "vendor_fakes")
+_VENDOR_PACKAGES = ("flash_attn", "flash_mla", "mcoplib")
+
+
+def _drop_vendor_modules() -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n.split(".")[0] in _VENDOR_PACKAGES]:
+        for lib in getattr(sys.modules[name], "libraries", ()):
+            lib._destroy()  # unregister the fake torch.ops._C / _C_cache_ops / _moe_C ops
+        del sys.modules[name]
+
+
+@pytest.fixture
+def vendor_fakes(monkeypatch):
+    """The fake vendor libraries on sys.path, MACA_INFER_OPS_IMPL=vendor, MetaX's small pages on."""
+    from maca_infer.common.ops import vendor
+
+    _drop_vendor_modules()
+    monkeypatch.syspath_prepend(VENDOR_FAKES)
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", "vendor")
+    monkeypatch.setenv("MACA_SMALL_PAGESIZE_ENABLE", "1")
+    vendor.forget_libraries()
+    yield VENDOR_FAKES
+    _drop_vendor_modules()
+    vendor.forget_libraries()
 
 
 @pytest.fixture(params=["reference", "triton"])

@@ -180,8 +180,11 @@ def prefill(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q, scale, c
 
 
 def paged_decode(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
-                 alibi_slopes, num_kv_splits, out4, lse3):
-    """paged_decode_attention through ``flash_attn_with_kvcache`` (q ``[B, q_len, H, D]``, causal)."""
+                 alibi_slopes, num_kv_splits, out4, lse3, plan=None):
+    """paged_decode_attention through ``flash_attn_with_kvcache`` (q ``[B, q_len, H, D]``, causal).
+
+    ``plan`` (attention.DecodePlan, when the op passes one) adds nothing flash-attn needs: its
+    ``block_table`` / ``kv_seqlens`` arrive here as well."""
     _check_attention(q4, value_cache.shape[-1], True, logit_softcap, alibi_slopes)
     _need_page_size(key_cache.shape[1])
     _need(key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1,
