@@ -10,6 +10,12 @@ silently changes.
 
 Registration is keyed on the exact class: subclasses (YaRN / Llama-3 rotary,
 GemmaRMSNorm) keep their own forwards.
+
+Under ``torch.compile`` (SGLang's ``--enable-torch-compile``) the RMSNorm and
+SiLU-and-mul forwards call the same ops as ``torch.ops.maca_infer.*`` custom
+ops (``common/ops/library.py``, registered by ``register_fused_op_forwards``),
+which Dynamo records as graph nodes instead of breaking the graph at our
+Python dispatch; eager calls skip the custom-op layer (its per-call cost).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def _rmsnorm_forward(self, x, residual=None, post_residual_addition=None, quant_
     )
     if not simple or (residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous())):
         return self.forward_native(x, residual, post_residual_addition, quant_linear)
+    if torch.compiler.is_compiling():  # --enable-torch-compile: one graph node (common/ops/library.py), no break
+        if residual is None:
+            return torch.ops.maca_infer.rms_norm(x, self.weight, self.variance_epsilon)
+        return torch.ops.maca_infer.add_rms_norm(x, residual, self.weight, self.variance_epsilon), residual
     if residual is None:
         return ops.rms_norm(x, self.weight, self.variance_epsilon)
     return ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
@@ -48,6 +58,8 @@ def _rmsnorm_forward(self, x, residual=None, post_residual_addition=None, quant_
 
 def _silu_and_mul_forward(self, x):
     """SiluAndMul.forward: x [..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.maca_infer.silu_and_mul(x)
     return ops.silu_and_mul(x)
 
 
@@ -172,6 +184,8 @@ def register_fused_op_forwards(dispatch_key: str) -> None:
     from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    from maca_infer.common.ops import library  # noqa: F401 - defines torch.ops.maca_infer.* for the compiled path
 
     BaseFusedOp.register_oot_forward(RMSNorm, _rmsnorm_forward, dispatch_key)
     BaseFusedOp.register_oot_forward(SiluAndMul, _silu_and_mul_forward, dispatch_key)

@@ -246,8 +246,10 @@ def _run(layer, inputs):
     return out, state
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_decoder_layer_matches_eager_without_graph_break(ops_impl, backend):
+    if backend == "inductor" and ops_impl == "triton":
+        pytest.skip("inductor compiles the same graph on either tier (~7 s of C++ builds); once is enough")
     torch._dynamo.reset()
     layer = DecoderLayer()
     inputs = _decode_inputs()

@@ -182,6 +182,39 @@ def test_silu_and_mul_forward_matches_native():
     torch.testing.assert_close(_silu_and_mul_forward(op, x), op.forward_native(x), atol=1e-6, rtol=1e-6)
 
 
+def test_norm_and_mlp_forwards_compile_without_graph_break():
+    """Under torch.compile the RMSNorm / SiLU-and-mul forwards are torch.ops.maca_infer nodes (fullgraph)."""
+    from sglang.srt.layers.activation import SiluAndMul
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    from maca_infer.common.ops import library  # noqa: F401 - what register_fused_op_forwards imports
+
+    torch.manual_seed(0)
+    norm, act = RMSNorm(32, eps=1e-5), SiluAndMul()
+    norm.weight.data = torch.randn(32)
+    up = torch.randn(64, 32)
+
+    def block(x, residual):
+        normed, residual = _rmsnorm_forward(norm, x, residual)
+        return _rmsnorm_forward(norm, _silu_and_mul_forward(act, normed @ up.t())), residual
+
+    x, res = torch.randn(5, 32), torch.randn(5, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():  # as SGLang runs its model (the custom ops have no autograd formula)
+        explained = torch._dynamo.explain(block)(x, res.clone())
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops_in_graph = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"maca_infer.add_rms_norm", "maca_infer.rms_norm", "maca_infer.silu_and_mul"} <= ops_in_graph
+
+    eager_res, compiled_res = res.clone(), res.clone()
+    with torch.no_grad():
+        expected, _ = block(x, eager_res)
+        actual, returned = torch.compile(block, backend="aot_eager", fullgraph=True)(x, compiled_res)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(compiled_res, eager_res, atol=0, rtol=0)  # updated in place, as in eager
+    assert returned is compiled_res
+
+
 @pytest.mark.parametrize("neox", [True, False])
 def test_rotary_forward_matches_native(neox, fresh_resolution):
     from sglang.srt.layers.rotary_embedding import base
