@@ -52,6 +52,7 @@ device can serve with them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -380,67 +381,252 @@ def _prefill_triton(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q,
 
 
 def _decode_triton(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
-                   alibi_slopes, num_kv_splits, out4, lse3):
-    batch, query_len, num_q_heads, head_dim = q4.shape
-    num_kv_heads, head_dim_v = key_cache.shape[2], value_cache.shape[-1]
-    block_size = key_cache.shape[1]
-    if batch == 0:
+                   alibi_slopes, num_kv_splits, out4, lse3, plan):
+    del block_table, kv_seqlens, num_kv_splits  # the plan's
+    if plan.batch == 0:
         return
-    if num_kv_splits is None:
-        capacity = block_table.shape[1] * block_size
-        if sliding_window:
-            capacity = min(capacity, sliding_window + query_len - 1)
-        # one program per (sequence, KV head) and split
-        num_kv_splits = auto_num_kv_splits(batch * num_kv_heads, capacity, q4.device)
-    group = num_q_heads // num_kv_heads
-    block_m = max(16, next_power_of_2(query_len * group))
-    table = _launch.config("decode")
-    if interpreter_branch(q4.device):
-        block_n = 16
-    elif max(head_dim, head_dim_v) <= 128 and q4.dtype != torch.float32:
-        block_n = table["BLOCK_N"]
-    elif q4.dtype == torch.float32 and max(head_dim, head_dim_v) > 128:
-        block_n = table["BLOCK_N_fp32_wide"]
-    else:
-        block_n = table["BLOCK_N_wide"]
-    common = dict(
-        stride_q_seq=q4.stride(0), stride_q_token=q4.stride(1), stride_q_head=q4.stride(2),
-        stride_k_block=key_cache.stride(0), stride_k_token=key_cache.stride(1), stride_k_head=key_cache.stride(2),
-        stride_v_block=value_cache.stride(0), stride_v_token=value_cache.stride(1),
-        stride_v_head=value_cache.stride(2),
-        stride_block_table=block_table.stride(0), block_size=block_size,
-        QUERY_LEN=query_len, QUERY_GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=_dot_tile(head_dim), BLOCK_DV=_dot_tile(head_dim_v),
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        **_feature_args(q4, scale, sliding_window, logit_softcap, alibi_slopes),
-        # more (token, head) rows per program -> more warps, so the accumulator stays in registers
-        **_launch.options("decode", num_warps=table["num_warps"] if block_m <= 32 else table["num_warps_many_rows"]),
-    )
-    grid = (batch, num_kv_heads, num_kv_splits)
-    if num_kv_splits == 1:
-        lse_target = lse3 if lse3 is not None else out4  # unread when WRITE_LSE is off
-        lse_strides = (lse3.stride(0), lse3.stride(1), lse3.stride(2)) if lse3 is not None else (0, 0, 0)
-        _decode_kernel[grid](
-            q4, key_cache, value_cache, block_table, kv_seqlens, out_ptr=out4, lse_ptr=lse_target,
-            stride_out_seq=out4.stride(0), stride_out_token=out4.stride(1), stride_out_head=out4.stride(2),
-            stride_out_split=0, stride_lse_seq=lse_strides[0], stride_lse_token=lse_strides[1],
-            stride_lse_head=lse_strides[2], stride_lse_split=0, num_kv_splits=1,
-            WRITE_LSE=lse3 is not None, **common,
+    launch = _decode_launch(plan, sliding_window)
+    kwargs = launch.arguments(scale, sliding_window, logit_softcap, alibi_slopes is not None, lse3 is not None)
+    qs, ks, vs = q4.stride(), key_cache.stride(), value_cache.stride()
+    kwargs.update(stride_q_seq=qs[0], stride_q_token=qs[1], stride_q_head=qs[2],
+                  stride_k_block=ks[0], stride_k_token=ks[1], stride_k_head=ks[2],
+                  stride_v_block=vs[0], stride_v_token=vs[1], stride_v_head=vs[2],
+                  alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else q4)  # unread when USE_ALIBI is off
+    if launch.num_kv_splits == 1:
+        os_ = out4.stride()
+        ls = lse3.stride() if lse3 is not None else (0, 0, 0)
+        _decode_kernel[launch.grid](
+            q4, key_cache, value_cache, plan.block_table, plan.kv_seqlens, out_ptr=out4,
+            lse_ptr=lse3 if lse3 is not None else out4,  # unread when WRITE_LSE is off
+            stride_out_seq=os_[0], stride_out_token=os_[1], stride_out_head=os_[2],
+            stride_lse_seq=ls[0], stride_lse_token=ls[1], stride_lse_head=ls[2], **kwargs,
         )
         return
-    partial_out = torch.empty((batch, query_len, num_q_heads, num_kv_splits, head_dim_v),
-                              dtype=torch.float32, device=q4.device)
-    partial_lse = torch.empty((batch, query_len, num_q_heads, num_kv_splits), dtype=torch.float32,
-                              device=q4.device)
-    _decode_kernel[grid](
-        q4, key_cache, value_cache, block_table, kv_seqlens, out_ptr=partial_out, lse_ptr=partial_lse,
-        stride_out_seq=partial_out.stride(0), stride_out_token=partial_out.stride(1),
-        stride_out_head=partial_out.stride(2), stride_out_split=partial_out.stride(3),
-        stride_lse_seq=partial_lse.stride(0), stride_lse_token=partial_lse.stride(1),
-        stride_lse_head=partial_lse.stride(2), stride_lse_split=partial_lse.stride(3),
-        num_kv_splits=num_kv_splits, WRITE_LSE=True, **common,
+    _decode_kernel[launch.grid](
+        q4, key_cache, value_cache, plan.block_table, plan.kv_seqlens, out_ptr=launch.partial_out,
+        lse_ptr=launch.partial_lse, **launch.partial_strides, **kwargs,
     )
-    merge_kv_splits(partial_out, partial_lse, out4, lse3)
+    merge_kv_splits(launch.partial_out, launch.partial_lse, out4, lse3)
+
+
+# ==========================================================================
+# Plans: per-batch metadata, made once and reused by every layer
+# ==========================================================================
+@dataclass(frozen=True, eq=False)
+class DecodePlan:
+    """What paged decode attention needs to know about one batch, validated once.
+
+    Made by :func:`plan_paged_decode` (once per forward batch: SGLang's
+    ``init_forward_metadata``, LMDeploy's step metadata) and passed to
+    :func:`paged_decode_attention` by every layer, which then checks only
+    that its q and caches have the shapes, dtype and device the plan was
+    made for (O(1)) and launches. FlashInfer's plan/run split.
+
+    Fields: the batch's ``block_table`` [batch, max_blocks] and
+    ``kv_seqlens`` [batch] (the plan keeps these tensors, not copies: it is
+    valid for their contents at the time each layer runs, except the
+    reference tier's schedule, which is read from them at the first layer
+    that runs on the reference), the head and cache geometry, and
+    ``num_kv_splits`` as requested (None: the auto rule). Derived per
+    sliding window on first use and kept for the other layers: the
+    Triton tier's split count, grid, tile sizes and split-KV scratch buffers,
+    and the reference tier's grouping of sequences with their gather tables and
+    masks (one host read of ``kv_seqlens`` per plan instead of per layer).
+    The Triton launch table (``_launch`` family, interpreter branch) is the
+    one in force at that first use.
+    """
+
+    block_table: torch.Tensor
+    kv_seqlens: torch.Tensor
+    batch: int
+    query_len: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+    num_kv_splits: int | None = None
+    _memo: dict = field(default_factory=dict, repr=False)
+    # what every layer's q and caches must look like (compared per call)
+    q_shape: tuple = field(init=False, repr=False)
+    q_shape3: tuple | None = field(init=False, repr=False)
+    key_cache_tail: tuple = field(init=False, repr=False)
+    value_cache_tail: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        put = object.__setattr__
+        put(self, "q_shape", (self.batch, self.query_len, self.num_q_heads, self.head_dim))
+        put(self, "q_shape3", (self.batch, self.num_q_heads, self.head_dim) if self.query_len == 1 else None)
+        put(self, "key_cache_tail", (self.block_size, self.num_kv_heads, self.head_dim))
+        put(self, "value_cache_tail", (self.block_size, self.num_kv_heads, self.head_dim_v))
+
+    def describe(self) -> str:
+        return (f"batch={self.batch}, q_len={self.query_len}, num_q_heads={self.num_q_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, head_dim_v={self.head_dim_v}, "
+                f"block_size={self.block_size}, dtype={str(self.dtype).replace('torch.', '')}, device={self.device}")
+
+
+def plan_paged_decode(
+    block_table: torch.Tensor, kv_seqlens: torch.Tensor, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, head_dim_v: int | None = None, query_len: int = 1,
+    num_kv_splits: int | None = None,
+) -> DecodePlan:
+    """Validate one decode batch's metadata once; the plan serves every layer.
+
+    ``block_table`` [batch, max_blocks_per_seq] and ``kv_seqlens`` [batch]
+    (int32, int64 accepted) as in :func:`paged_decode_attention`, on the
+    device the layers run on; ``num_q_heads`` / ``num_kv_heads`` /
+    ``head_dim`` / ``head_dim_v`` (default ``head_dim``) / ``block_size`` /
+    ``dtype``: what every layer's q and caches will have; ``query_len``:
+    new tokens per sequence (1..8); ``num_kv_splits``: None (auto) or
+    1..1024. Raises ValueError naming the value and what is allowed.
+    """
+    op = "plan_paged_decode"
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("head_dim_v", head_dim_v), ("block_size", block_size), ("query_len", query_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= 1")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")
+    if query_len > MAX_DECODE_QUERY_LEN:
+        raise ValueError(f"{op}: q_len={query_len} is not supported; allowed: 1..{MAX_DECODE_QUERY_LEN} "
+                         "(use paged_prefill_attention for longer chunks)")
+    _checks.check_block_size(op, block_size, minimum=1)
+    _check_heads(op, num_q_heads, num_kv_heads, head_dim, head_dim_v)
+    _check_index(op, "block_table", block_table, 2, "[batch, max_blocks_per_seq]")
+    _check_index(op, "kv_seqlens", kv_seqlens, 1, "[batch]")
+    batch = kv_seqlens.shape[0]
+    _checks.check_size(op, "block_table", block_table.shape[0], batch, "rows (batch, from kv_seqlens)")
+    _check_num_kv_splits(op, num_kv_splits)
+    _checks.check_same_device(op, block_table=block_table, kv_seqlens=kv_seqlens)
+    return DecodePlan(block_table, kv_seqlens, batch, query_len, num_q_heads, num_kv_heads, head_dim, head_dim_v,
+                      block_size, dtype, block_table.device, num_kv_splits)
+
+
+def _check_num_kv_splits(op, num_kv_splits):
+    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
+                                      or not 1 <= num_kv_splits <= 1024):
+        raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None (auto) "
+                         "or an int in 1..1024")
+
+
+def _plan_mismatch(op, plan, name, found) -> ValueError:
+    return ValueError(f"{op}: {name} {found} does not match the plan ({plan.describe()}); "
+                      "make a new plan (plan_paged_decode) for this batch and these layers")
+
+
+def _check_against_plan(op, plan, q, key_cache, value_cache) -> None:
+    """The O(1) per-layer checks of a planned call."""
+    shape = q.shape
+    if shape != plan.q_shape and shape != plan.q_shape3:
+        raise _plan_mismatch(op, plan, "q has shape", tuple(shape))
+    if q.dtype is not plan.dtype:
+        raise _plan_mismatch(op, plan, "q has dtype", str(q.dtype).replace("torch.", ""))
+    if q.device != plan.device:
+        raise _plan_mismatch(op, plan, "q is on", q.device)
+    if q.stride(-1) != 1:
+        _check_last_dim_contiguous(op, "q", q)
+    for name, cache, tail in (("key_cache", key_cache, plan.key_cache_tail),
+                              ("value_cache", value_cache, plan.value_cache_tail)):
+        cs = cache.shape
+        if cs[1:] != tail or cs[0] != key_cache.shape[0]:
+            raise _plan_mismatch(op, plan, f"{name} has shape", tuple(cs))
+        if cache.dtype is not plan.dtype:
+            raise _plan_mismatch(op, plan, f"{name} has dtype", str(cache.dtype).replace("torch.", ""))
+        if cache.device != plan.device:
+            raise _plan_mismatch(op, plan, f"{name} is on", cache.device)
+        if cache.stride(-1) != 1:
+            _check_last_dim_contiguous(op, name, cache)
+
+
+def _planned_options(op, plan, scale, sliding_window, logit_softcap):
+    """_check_options' result for a layer's options, validated once per distinct value per plan."""
+    key = ("options", scale, sliding_window, logit_softcap)
+    try:
+        hit = plan._memo.get(key)
+    except TypeError:  # an unhashable value: validate it (and raise) without the memo
+        return _check_options(op, None, plan.num_q_heads, plan.head_dim, scale, sliding_window, logit_softcap, None)
+    if hit is None:
+        hit = _check_options(op, None, plan.num_q_heads, plan.head_dim, scale, sliding_window, logit_softcap, None)
+        plan._memo[key] = hit
+    return hit
+
+
+class _DecodeLaunch:
+    """The Triton tier's constants for one plan and sliding window."""
+
+    __slots__ = ("num_kv_splits", "grid", "constants", "partial_out", "partial_lse", "partial_strides", "_arguments")
+
+    def __init__(self, plan: DecodePlan, sliding_window: int | None):
+        batch, query_len = plan.batch, plan.query_len
+        num_q_heads, num_kv_heads = plan.num_q_heads, plan.num_kv_heads
+        head_dim, head_dim_v, dtype, device = plan.head_dim, plan.head_dim_v, plan.dtype, plan.device
+        num_kv_splits = plan.num_kv_splits
+        if num_kv_splits is None:
+            capacity = plan.block_table.shape[1] * plan.block_size
+            if sliding_window:
+                capacity = min(capacity, sliding_window + query_len - 1)
+            # one program per (sequence, KV head) and split
+            num_kv_splits = auto_num_kv_splits(batch * num_kv_heads, capacity, device)
+        group = num_q_heads // num_kv_heads
+        block_m = max(16, next_power_of_2(query_len * group))
+        table = _launch.config("decode")
+        if interpreter_branch(device):
+            block_n = 16
+        elif max(head_dim, head_dim_v) <= 128 and dtype != torch.float32:
+            block_n = table["BLOCK_N"]
+        elif dtype == torch.float32 and max(head_dim, head_dim_v) > 128:
+            block_n = table["BLOCK_N_fp32_wide"]
+        else:
+            block_n = table["BLOCK_N_wide"]
+        self.num_kv_splits = num_kv_splits
+        self.grid = (batch, num_kv_heads, num_kv_splits)
+        self.constants = dict(
+            stride_block_table=plan.block_table.stride(0), block_size=plan.block_size,
+            QUERY_LEN=query_len, QUERY_GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+            BLOCK_D=_dot_tile(head_dim), BLOCK_DV=_dot_tile(head_dim_v), BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_FP32=dtype == torch.float32 or interpreter_branch(device),
+            # more (token, head) rows per program -> more warps, so the accumulator stays in registers
+            **_launch.options("decode",
+                              num_warps=table["num_warps"] if block_m <= 32 else table["num_warps_many_rows"]),
+        )
+        # split-KV scratch, shared by the plan's layers (they run one after another on the stream)
+        self.partial_out = self.partial_lse = self.partial_strides = None
+        if num_kv_splits > 1:
+            self.partial_out = torch.empty((batch, query_len, num_q_heads, num_kv_splits, head_dim_v),
+                                           dtype=torch.float32, device=device)
+            self.partial_lse = torch.empty((batch, query_len, num_q_heads, num_kv_splits), dtype=torch.float32,
+                                           device=device)
+            po, pl = self.partial_out.stride(), self.partial_lse.stride()
+            self.partial_strides = dict(
+                stride_out_seq=po[0], stride_out_token=po[1], stride_out_head=po[2], stride_out_split=po[3],
+                stride_lse_seq=pl[0], stride_lse_token=pl[1], stride_lse_head=pl[2], stride_lse_split=pl[3])
+        self._arguments = {}
+
+    def arguments(self, scale, sliding_window, logit_softcap, use_alibi, write_lse) -> dict:
+        """A fresh dict of the launch's keyword arguments that do not name a tensor or its strides."""
+        key = (scale, logit_softcap, use_alibi, write_lse)
+        base = self._arguments.get(key)
+        if base is None:
+            base = self._arguments[key] = dict(
+                scale=scale, logit_softcap=logit_softcap if logit_softcap else 1.0,
+                sliding_window=sliding_window if sliding_window else 0,
+                USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logit_softcap), USE_ALIBI=use_alibi,
+                num_kv_splits=self.num_kv_splits, WRITE_LSE=write_lse or self.num_kv_splits > 1,
+                **({"stride_out_split": 0, "stride_lse_split": 0} if self.num_kv_splits == 1 else {}),
+                **self.constants)
+        return dict(base)
+
+
+def _decode_launch(plan: DecodePlan, sliding_window: int | None) -> _DecodeLaunch:
+    key = ("triton", sliding_window)
+    launch = plan._memo.get(key)
+    if launch is None:
+        launch = plan._memo[key] = _DecodeLaunch(plan, sliding_window)
+    return launch
 
 
 # ==========================================================================
@@ -561,32 +747,43 @@ def _paged_prefill_reference(q, key_cache, value_cache, block_table, cu_seqlens_
     return out
 
 
-def _decode_reference(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
-                      alibi_slopes, num_kv_splits, out4, lse3):
-    """Sequences in groups of similar length, each group gathered and padded
-    to its longest member, then one batched matmul per group.
+class _DecodeGroup:
+    """Sequences of similar length the reference runs as one padded batch."""
 
-    num_kv_splits is a kernel scheduling choice; the reference ignores it.
+    __slots__ = ("idx", "identity", "table", "n", "keys", "lo", "hi", "positions", "local_lens", "v_padding",
+                 "hidden", "rel", "has_empty_rows", "chunked")
+
+
+def _decode_schedule(plan: DecodePlan, sliding_window: int | None) -> list[_DecodeGroup]:
+    """The reference tier's groups for one plan and window (one host read of kv_seqlens).
+
+    Sequences sorted by length go in groups whose gathered keys, values and
+    scores stay under _REFERENCE_MAX_SCORES float32 elements; each group's
+    block ids, padding and visibility masks are computed here once.
     """
-    del num_kv_splits
-    batch, query_len, num_q_heads, _ = q4.shape
-    if batch == 0:
-        return
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    head_dim, head_dim_v = key_cache.shape[3], value_cache.shape[3]
-    kv_lens = kv_seqlens.long()
-    order = torch.argsort(kv_lens)
+    key = ("reference", sliding_window)
+    groups = plan._memo.get(key)
+    if groups is not None:
+        return groups
+    batch, query_len, num_q_heads = plan.batch, plan.query_len, plan.num_q_heads
+    block_size, num_kv_heads = plan.block_size, plan.num_kv_heads
+    block_table = plan.block_table
+    kv_lens = plan.kv_seqlens.to(device=block_table.device, dtype=torch.int64)
+    order = torch.argsort(kv_lens, stable=True)
     sorted_lens = kv_lens[order].tolist()
     # float32 elements one sequence of length L costs: gathered k and v, scores
-    per_key = num_kv_heads * (head_dim + head_dim_v) + num_q_heads * query_len
+    per_key = num_kv_heads * (plan.head_dim + plan.head_dim_v) + num_q_heads * query_len
+    groups = []
     start = 0
     while start < batch:
         # sorted ascending: the group's last member is its longest
         end = start + 1
         while end < batch and (end + 1 - start) * max(1, sorted_lens[end]) * per_key <= _REFERENCE_MAX_SCORES:
             end += 1
-        idx = order[start:end]
-        lens = kv_lens[idx]
+        g = _DecodeGroup()
+        g.idx = order[start:end]
+        g.identity = end - start == batch and bool(torch.equal(g.idx, torch.arange(batch, device=g.idx.device)))
+        lens = kv_lens[g.idx]
         end_block = max(1, -(-sorted_lens[end - 1] // block_size))
         # With a window, blocks before the first key any query of the group can
         # see are skipped; positions are then counted from first_block.
@@ -595,24 +792,97 @@ def _decode_reference(q4, key_cache, value_cache, block_table, kv_seqlens, scale
             first_block = min(end_block - 1, max(0, sorted_lens[start] - query_len - sliding_window + 1) // block_size)
         num_blocks = end_block - first_block
         offset = first_block * block_size
-        table = block_table[idx, first_block:end_block].long()
+        table = block_table[g.idx, first_block:end_block].long()
         # Entries past a row's last needed block may hold anything: read block 0 there (masked anyway).
         needed = torch.arange(first_block, end_block, device=table.device)[None, :] < (-(-lens // block_size))[:, None]
-        table = torch.where(needed, table, 0).flatten()
-        n = idx.shape[0]
-        k = _gather_blocks(key_cache, table).view(n, num_blocks * block_size, num_kv_heads, head_dim)
-        v = _gather_blocks(value_cache, table).view(n, num_blocks * block_size, num_kv_heads, head_dim_v)
-        local_lens = lens - offset
+        g.table = torch.where(needed, table, 0).flatten()
+        g.n = end - start
+        g.keys = num_blocks * block_size
+        g.local_lens = lens - offset
+        g.positions = g.local_lens[:, None] - query_len + torch.arange(query_len, device=lens.device)[None, :]
+        # key range any query of the group sees: [lo, hi) (host ints: the lengths are on the host now)
+        longest, shortest = sorted_lens[end - 1] - offset, sorted_lens[start] - offset
+        g.hi = max(0, longest)
+        g.lo = max(0, shortest - query_len - sliding_window + 1) if sliding_window else 0
+        g.has_empty_rows = sorted_lens[start] < query_len  # a query before the first key sees nothing
+        g.chunked = g.n * num_q_heads * query_len * max(1, g.hi - g.lo) > _REFERENCE_MAX_SCORES
+        key_pos = torch.arange(g.lo, max(g.lo, g.hi), device=lens.device)
         # 0 * garbage must stay 0: never-written cache slots may hold NaN
-        padding = torch.arange(num_blocks * block_size, device=lens.device)[None, :] >= local_lens[:, None]
-        v.masked_fill_(padding[:, :, None, None], 0.0)
-        positions = local_lens[:, None] - query_len + torch.arange(query_len, device=lens.device)[None, :]
-        o, lse = _reference_attention(q4[idx], k, v, positions, local_lens, scale, True, sliding_window,
-                                      logit_softcap, alibi_slopes)
-        out4[idx] = o.to(out4.dtype)
-        if lse3 is not None:
-            lse3[idx] = lse
+        g.v_padding = (torch.arange(g.keys, device=lens.device)[None, :] >= g.local_lens[:, None])
+        g.v_padding = g.v_padding[:, :, None, None] if bool(g.v_padding.any()) else None
+        rel = key_pos[None, None, :] - g.positions[:, :, None]  # [n, Lq, L]: j - p_i
+        visible = (key_pos[None, None, :] < g.local_lens[:, None, None]) & (rel <= 0)
+        if sliding_window:
+            visible &= rel > -sliding_window
+        g.hidden = (~visible)[:, None, None]  # [n, 1, 1, Lq, L] against scores [n, Hk, G, Lq, L]
+        g.rel = rel[:, None, None].float()
+        groups.append(g)
         start = end
+    plan._memo[key] = groups
+    return groups
+
+
+def _decode_reference(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
+                      alibi_slopes, num_kv_splits, out4, lse3, plan):
+    """Per group (see _decode_schedule): gather its blocks, one batched matmul.
+
+    num_kv_splits is a kernel scheduling choice; the reference ignores it.
+    """
+    del block_table, kv_seqlens, num_kv_splits  # the plan's
+    batch, query_len, num_q_heads, head_dim = q4.shape
+    if batch == 0:
+        return
+    num_kv_heads, head_dim_v = plan.num_kv_heads, plan.head_dim_v
+    group_size = num_q_heads // num_kv_heads
+    device = q4.device
+    slopes = alibi_slopes.float().view(1, num_kv_heads, group_size, 1, 1) if alibi_slopes is not None else None
+    for g in _decode_schedule(plan, sliding_window):
+        n, length = g.n, g.hi - g.lo
+        k = _gather_blocks(key_cache, g.table).view(n, g.keys, num_kv_heads, head_dim)
+        v = _gather_blocks(value_cache, g.table).view(n, g.keys, num_kv_heads, head_dim_v)
+        if g.v_padding is not None:
+            v.masked_fill_(g.v_padding, 0.0)
+        q_g = q4 if g.identity else q4.index_select(0, g.idx)
+        if g.chunked or length <= 0:  # a huge group, or no query sees a key: the chunked general path
+            o, lse = _reference_attention(q_g, k, v, g.positions, g.local_lens, scale, True, sliding_window,
+                                          logit_softcap, alibi_slopes)
+        else:
+            k_h = torch.empty((n, num_kv_heads, length, head_dim), dtype=torch.float32, device=device).copy_(
+                k[:, g.lo:g.hi].permute(0, 2, 1, 3))
+            v_h = torch.empty((n, num_kv_heads, length, head_dim_v), dtype=torch.float32, device=device).copy_(
+                v[:, g.lo:g.hi].permute(0, 2, 1, 3))
+            q_c = q_g.float().reshape(n, query_len, num_kv_heads, group_size, head_dim).permute(0, 2, 3, 1, 4)
+            scores = torch.matmul(q_c.reshape(n, num_kv_heads, group_size * query_len, head_dim),
+                                  k_h.transpose(-1, -2))
+            scores = scores.view(n, num_kv_heads, group_size, query_len, length).mul_(scale)
+            if logit_softcap:
+                scores.div_(logit_softcap).tanh_().mul_(logit_softcap)
+            if slopes is not None:
+                scores.add_(slopes * g.rel)
+            scores.masked_fill_(g.hidden, float("-inf"))
+            if g.has_empty_rows:  # rows with no visible key: out 0, lse -inf (softmax would give NaN)
+                row_max = scores.amax(dim=-1, keepdim=True)
+                row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+                probs = scores.sub_(row_max).exp_()
+                row_sum = probs.sum(dim=-1, keepdim=True)
+                lse = (row_max + torch.log(row_sum)).squeeze(-1) if lse3 is not None else None
+                probs.div_(row_sum.clamp_min(torch.finfo(torch.float32).tiny))  # empty rows: 0 / tiny = 0
+            else:
+                lse = torch.logsumexp(scores, dim=-1) if lse3 is not None else None
+                probs = torch.softmax(scores, dim=-1)
+            o = torch.matmul(probs.view(n, num_kv_heads, group_size * query_len, length), v_h)
+            o = o.view(n, num_kv_heads, group_size, query_len, head_dim_v).permute(0, 3, 1, 2, 4)
+            o = o.reshape(n, query_len, num_q_heads, head_dim_v)
+            if lse is not None:
+                lse = lse.permute(0, 3, 1, 2).reshape(n, query_len, num_q_heads)
+        if g.identity:
+            out4.copy_(o)
+            if lse3 is not None:
+                lse3.copy_(lse)
+        else:
+            out4.index_copy_(0, g.idx, o.to(out4.dtype))
+            if lse3 is not None:
+                lse3.index_copy_(0, g.idx, lse)
 
 
 # ==========================================================================
@@ -648,14 +918,18 @@ def _check_options(op, q, num_q_heads, head_dim, scale, sliding_window, logit_so
         raise ValueError(f"{op}: logit_softcap={logit_softcap!r} is not supported; allowed: None or 0 (off) "
                          "or a float > 0")
     if alibi_slopes is not None:
-        _checks.check_dtype(op, "alibi_slopes", alibi_slopes, (torch.float32,))
-        if alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != num_q_heads:
-            raise ValueError(f"{op}: alibi_slopes must be [num_q_heads={num_q_heads}], "
-                             f"got shape {tuple(alibi_slopes.shape)}")
-        _checks.check_contiguous(op, "alibi_slopes", alibi_slopes)
+        _check_alibi(op, alibi_slopes, num_q_heads)
     window = int(sliding_window) if sliding_window else None
     softcap = float(logit_softcap) if logit_softcap else None
     return float(scale), window, softcap
+
+
+def _check_alibi(op, alibi_slopes, num_q_heads):
+    _checks.check_dtype(op, "alibi_slopes", alibi_slopes, (torch.float32,))
+    if alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != num_q_heads:
+        raise ValueError(f"{op}: alibi_slopes must be [num_q_heads={num_q_heads}], "
+                         f"got shape {tuple(alibi_slopes.shape)}")
+    _checks.check_contiguous(op, "alibi_slopes", alibi_slopes)
 
 
 def _check_heads(op, q_heads, kv_heads, head_dim, head_dim_v):
@@ -879,11 +1153,11 @@ def paged_prefill_attention(
 
 
 def paged_decode_attention(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
-    kv_seqlens: torch.Tensor, *,
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor | None = None,
+    kv_seqlens: torch.Tensor | None = None, *,
     scale: float | None = None, sliding_window: int | None = None, logit_softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None, num_kv_splits: int | None = None, return_lse: bool = False,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, plan: DecodePlan | None = None,
 ):
     """Decode attention: a few new queries per sequence against the paged cache.
 
@@ -912,6 +1186,12 @@ def paged_decode_attention(
         Also return the log-sum-exp of each query's scores.
     out : torch.Tensor, optional
         ``q.shape[:-1] + (head_dim_v,)``, dtype of ``q``; written and returned.
+    plan : DecodePlan, optional
+        The batch's plan (:func:`plan_paged_decode`, made once per forward
+        batch): then ``block_table``, ``kv_seqlens`` and ``num_kv_splits``
+        come from it (pass None, or the plan's own), and this call only
+        checks that q and the caches match it. Without a plan one is made
+        for this call.
 
     Returns
     -------
@@ -929,6 +1209,46 @@ def paged_decode_attention(
         lse = log sum_r exp(lse_r),  out = sum_r exp(lse_r - lse) o_r
     """
     op = "paged_decode_attention"
+    if plan is None:
+        plan = _plan_for_call(op, q, key_cache, value_cache, block_table, kv_seqlens, num_kv_splits)
+    else:
+        if not isinstance(plan, DecodePlan):
+            raise ValueError(f"{op}: plan must be a DecodePlan (from plan_paged_decode), got {type(plan).__name__}")
+        for name, given, planned in (("block_table", block_table, plan.block_table),
+                                     ("kv_seqlens", kv_seqlens, plan.kv_seqlens),
+                                     ("num_kv_splits", num_kv_splits, plan.num_kv_splits)):
+            if given is not None and given is not planned:
+                raise ValueError(f"{op}: {name} was passed with a plan made for another one; pass None "
+                                 "(the plan's is used) or make a new plan")
+    _check_against_plan(op, plan, q, key_cache, value_cache)
+    scale, sliding_window, logit_softcap = _planned_options(op, plan, scale, sliding_window, logit_softcap)
+    if alibi_slopes is not None:
+        _check_alibi(op, alibi_slopes, plan.num_q_heads)
+        _checks.check_same_device(op, q=q, alibi_slopes=alibi_slopes)
+    out_shape = tuple(q.shape[:-1]) + (plan.head_dim_v,)
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    else:
+        _check_out(op, out, out_shape, q.dtype)
+        _checks.check_same_device(op, q=q, out=out)
+    lse = torch.empty(out_shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
+    # the implementations take q, out and lse with a q_len dimension: [B, q_len, Hq, ...]
+    if q.dim() == 3:
+        q4, out4, lse3 = q.unsqueeze(1), out.unsqueeze(1), (lse.unsqueeze(1) if return_lse else None)
+    else:
+        q4, out4, lse3 = q, out, lse
+    args = (q4, key_cache, value_cache, plan.block_table, plan.kv_seqlens, scale, sliding_window, logit_softcap,
+            alibi_slopes, plan.num_kv_splits, out4, lse3, plan)
+    _dispatch.dispatch(op, _decode_triton, _decode_reference, (q, key_cache, value_cache), *args,
+                       vendor_fn=vendor.paged_decode, empty=plan.batch == 0)
+    return (out, lse) if return_lse else out
+
+
+def _plan_for_call(op, q, key_cache, value_cache, block_table, kv_seqlens, num_kv_splits) -> DecodePlan:
+    """An unplanned call: every input checked as before, then a plan for this call only."""
+    if block_table is None or kv_seqlens is None:
+        raise ValueError(f"{op}: block_table and kv_seqlens are required without a plan; pass both, or "
+                         "plan=plan_paged_decode(...)")
     _checks.check_dtype(op, "q", q, _checks.FLOAT_DTYPES)
     _checks.check_dim(op, "q", q, (3, 4), "[batch, num_q_heads, head_dim] or [batch, q_len, num_q_heads, head_dim]")
     _check_last_dim_contiguous(op, "q", q)
@@ -943,23 +1263,8 @@ def paged_decode_attention(
     batch = q4.shape[0]
     _checks.check_size(op, "kv_seqlens", kv_seqlens.shape[0], batch, "length (q's batch)")
     _checks.check_size(op, "block_table", block_table.shape[0], batch, "rows (q's batch)")
-    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
-                                      or not 1 <= num_kv_splits <= 1024):
-        raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None (auto) "
-                         "or an int in 1..1024")
-    scale, sliding_window, logit_softcap = _check_options(op, q, q4.shape[2], q4.shape[3], scale, sliding_window,
-                                                          logit_softcap, alibi_slopes)
-    out_shape = tuple(q.shape[:-1]) + (value_cache.shape[3],)
-    _check_out(op, out, out_shape, q.dtype)
+    _check_num_kv_splits(op, num_kv_splits)
     _checks.check_same_device(op, q=q, key_cache=key_cache, value_cache=value_cache, block_table=block_table,
-                              kv_seqlens=kv_seqlens, alibi_slopes=alibi_slopes, out=out)
-    if out is None:
-        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(out_shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
-    out4 = out.unsqueeze(1) if q.dim() == 3 else out
-    lse3 = (lse.unsqueeze(1) if q.dim() == 3 else lse) if return_lse else None
-    args = (q4, key_cache, value_cache, block_table, kv_seqlens, scale, sliding_window, logit_softcap,
-            alibi_slopes, num_kv_splits, out4, lse3)
-    _dispatch.dispatch(op, _decode_triton, _decode_reference, (q, key_cache, value_cache), *args,
-                       vendor_fn=vendor.paged_decode, empty=batch == 0)
-    return (out, lse) if return_lse else out
+                              kv_seqlens=kv_seqlens)
+    return DecodePlan(block_table, kv_seqlens, batch, query_len, q4.shape[2], key_cache.shape[2], q4.shape[3],
+                      value_cache.shape[3], key_cache.shape[1], q.dtype, q.device, num_kv_splits)

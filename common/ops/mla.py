@@ -30,6 +30,7 @@ Two ways to attend, as in DeepSeek's own inference code:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -164,34 +165,18 @@ def _fill_mla_cache_triton(kv_c, k_pe, latent_cache, slot_mapping):
     )
 
 
-def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse):
-    batch, num_heads, kv_lora_rank = q_nope.shape
-    rope_dim = q_rope.shape[2]
-    if batch == 0 or num_heads == 0:
+def _mla_decode_triton(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse, plan):
+    del block_table, kv_seqlens, num_kv_splits  # the plan's
+    if plan.batch == 0 or plan.num_heads == 0:
         return
-    block_size = cache.shape[1]
-    num_splits = num_kv_splits
-    partial_out = torch.empty((batch, num_heads, num_splits, kv_lora_rank), dtype=torch.float32, device=q_nope.device)
-    partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q_nope.device)
-    block_c = next_power_of_2(kv_lora_rank)
-    table = _launch.config("mla_decode")
-    fp32_limit = table["fp32_max_kv_lora_rank"]
-    if q_nope.dtype == torch.float32 and fp32_limit and block_c > fp32_limit and not interpreter_branch(q_nope.device):
-        raise ValueError(
-            f"mla_decode: float32 at kv_lora_rank {kv_lora_rank} does not fit this device "
-            f"({_launch.family()}): its tiles need about 100 KiB of shared memory, and a MACA block has "
-            f"64 KiB; run the model in bfloat16/float16, or set MACA_INFER_OPS_IMPL=reference")
-    grid = (batch, -(-num_heads // table["BLOCK_H"]), num_splits)
-    _mla_decode_split_kernel[grid](
-        q_nope, q_rope, cache, block_table, kv_seqlens, partial_out, partial_lse,
-        num_heads, kv_lora_rank, rope_dim, block_size, num_splits, float(scale),
-        q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
-        cache.stride(0), cache.stride(1), block_table.stride(0),
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1),
-        BLOCK_H=table["BLOCK_H"], BLOCK_N=table["BLOCK_N"], BLOCK_C=block_c,
-        BLOCK_PE=max(16, next_power_of_2(rope_dim)),
-        DOT_FP32=q_nope.dtype == torch.float32 or interpreter_branch(q_nope.device), **_launch.options("mla_decode"),
+    launch = _mla_launch(plan)
+    partial_out, partial_lse = launch.partial_out, launch.partial_lse
+    qn, qr, cs = q_nope.stride(), q_rope.stride(), cache.stride()
+    _mla_decode_split_kernel[launch.grid](
+        q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens, partial_out, partial_lse,
+        plan.num_heads, plan.kv_lora_rank, plan.rope_dim, plan.block_size, launch.num_kv_splits, scale,
+        qn[0], qn[1], qr[0], qr[1], cs[0], cs[1], plan.block_table.stride(0), *launch.partial_strides,
+        **launch.constants,
     )
     # one query token per sequence: the merge's token dimension is 1
     merge_kv_splits(partial_out.unsqueeze(1), partial_lse.unsqueeze(1), out.unsqueeze(1),
@@ -254,15 +239,16 @@ def _sequence_latents(cache, block_table_row, kv_len):
     return cache[blocks, pos % cache.shape[1]]
 
 
-def _mla_decode_reference(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse):
-    kv_lora_rank = q_nope.shape[2]
-    for b, kv_len in enumerate(kv_seqlens.tolist()):
-        if kv_len == 0:
+def _mla_decode_reference(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse, plan):
+    del block_table, kv_seqlens, num_kv_splits  # the plan's
+    kv_lora_rank = plan.kv_lora_rank
+    for b, rows in enumerate(_mla_rows(plan)):
+        if rows is None:
             out[b] = 0
             if lse is not None:
                 lse[b] = float("-inf")
             continue
-        latents = _sequence_latents(cache, block_table[b], kv_len).float()
+        latents = cache[rows].float()
         c, k_pe = latents[:, :kv_lora_rank], latents[:, kv_lora_rank:]
         scores = scale * (q_nope[b].float() @ c.t() + q_rope[b].float() @ k_pe.t())  # [H, kv_len]
         out[b] = torch.softmax(scores, dim=-1) @ c
@@ -297,6 +283,163 @@ def _mla_prefill_reference(q, cache, block_table, cu_seqlens_q, kv_seqlens, kv_b
             scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees no key gives 0
         out[q_start:q_end] = (probs @ v).transpose(0, 1)
+
+
+# ==========================================================================
+# Plan: per-batch metadata, made once and reused by every layer
+# ==========================================================================
+@dataclass(frozen=True, eq=False)
+class MLADecodePlan:
+    """What absorbed MLA decode needs to know about one batch, validated once.
+
+    Made by :func:`plan_mla_decode` once per forward batch and passed to
+    :func:`mla_decode` by every layer, which then checks only that its
+    queries and latent cache match the plan (O(1)) and launches. Derived on
+    first use and kept for the other layers: the Triton tier's split count,
+    grid and split-KV scratch buffers, and the reference tier's per-sequence
+    row indices (one host read of ``kv_seqlens`` per plan, not per layer).
+    """
+
+    block_table: torch.Tensor
+    kv_seqlens: torch.Tensor
+    batch: int
+    num_heads: int
+    kv_lora_rank: int
+    rope_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+    num_kv_splits: int | None = None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def describe(self) -> str:
+        return (f"batch={self.batch}, num_heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, "
+                f"rope_dim={self.rope_dim}, block_size={self.block_size}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}")
+
+
+def plan_mla_decode(block_table: torch.Tensor, kv_seqlens: torch.Tensor, *, num_heads: int, kv_lora_rank: int,
+                    rope_dim: int, block_size: int, dtype: torch.dtype,
+                    num_kv_splits: int | None = None) -> MLADecodePlan:
+    """Validate one MLA decode batch's metadata once; the plan serves every layer.
+
+    ``block_table`` [batch, max_blocks_per_seq] and ``kv_seqlens`` [batch] as
+    in :func:`mla_decode`, on the layers' device; ``num_heads``,
+    ``kv_lora_rank``, ``rope_dim``, ``block_size`` (a power of two >= 8) and
+    ``dtype``: what every layer's queries and latent cache will have;
+    ``num_kv_splits``: None (auto) or an int >= 1. Lengths held on the host
+    are range-checked here, once.
+    """
+    op = "plan_mla_decode"
+    for name, value, low in (("num_heads", num_heads, 0), ("kv_lora_rank", kv_lora_rank, 1),
+                             ("rope_dim", rope_dim, 0), ("block_size", block_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= {low}")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")
+    _checks.check_block_size(op, block_size)
+    _checks.check_dim(op, "kv_seqlens", kv_seqlens, 1, "[batch]")
+    batch = kv_seqlens.shape[0]
+    _check_block_table(op, block_table, kv_seqlens, batch)
+    _check_num_kv_splits(op, num_kv_splits)
+    _checks.check_same_device(op, block_table=block_table, kv_seqlens=kv_seqlens)
+    _check_lengths_on_host(op, kv_seqlens, block_table, block_size)
+    return MLADecodePlan(block_table, kv_seqlens, batch, num_heads, kv_lora_rank, rope_dim, block_size, dtype,
+                         block_table.device, num_kv_splits)
+
+
+def _check_num_kv_splits(op, num_kv_splits):
+    if num_kv_splits is not None and (not isinstance(num_kv_splits, int) or isinstance(num_kv_splits, bool)
+                                      or num_kv_splits < 1):
+        raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None or an int >= 1")
+
+
+def _plan_mismatch(op, plan, name, found) -> ValueError:
+    return ValueError(f"{op}: {name} {found} does not match the plan ({plan.describe()}); "
+                      "make a new plan (plan_mla_decode) for this batch and these layers")
+
+
+def _check_against_plan(op, plan, q_nope, q_rope, latent_cache) -> torch.Tensor:
+    """The O(1) per-layer checks of a planned call; returns the cache as [NB, BS, L + R]."""
+    cache = latent_cache[:, :, 0] if latent_cache.dim() == 4 and latent_cache.shape[2] == 1 else latent_cache
+    for name, t, width in (("q_nope", q_nope, plan.kv_lora_rank), ("q_rope", q_rope, plan.rope_dim)):
+        shape = t.shape
+        if len(shape) != 3 or shape[0] != plan.batch or shape[1] != plan.num_heads or shape[2] != width:
+            raise _plan_mismatch(op, plan, f"{name} has shape", tuple(shape))
+        if t.dtype is not plan.dtype:
+            raise _plan_mismatch(op, plan, f"{name} has dtype", str(t.dtype).replace("torch.", ""))
+        if t.device != plan.device:
+            raise _plan_mismatch(op, plan, f"{name} is on", t.device)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name}'s last dimension must be contiguous (stride {t.stride()})")
+    shape = cache.shape
+    if len(shape) != 3 or shape[1] != plan.block_size or shape[2] != plan.kv_lora_rank + plan.rope_dim:
+        raise _plan_mismatch(op, plan, "latent_cache has shape", tuple(latent_cache.shape))
+    if cache.dtype is not plan.dtype:
+        raise _plan_mismatch(op, plan, "latent_cache has dtype", str(cache.dtype).replace("torch.", ""))
+    if cache.device != plan.device:
+        raise _plan_mismatch(op, plan, "latent_cache is on", cache.device)
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{op}: latent_cache's last dimension must be contiguous (stride {cache.stride()})")
+    return cache
+
+
+class _MLALaunch:
+    """The Triton tier's constants and split-KV scratch for one plan."""
+
+    __slots__ = ("num_kv_splits", "grid", "constants", "partial_out", "partial_lse", "partial_strides")
+
+    def __init__(self, plan: MLADecodePlan):
+        batch, num_heads, kv_lora_rank, device = plan.batch, plan.num_heads, plan.kv_lora_rank, plan.device
+        table = _launch.config("mla_decode")
+        block_h = table["BLOCK_H"]
+        num_splits = plan.num_kv_splits
+        if num_splits is None:
+            # one program per (sequence, tile of BLOCK_H heads) and split
+            num_splits = auto_num_kv_splits(batch * -(-num_heads // block_h),
+                                            plan.block_table.shape[1] * plan.block_size, device)
+        block_c = next_power_of_2(kv_lora_rank)
+        fp32_limit = table["fp32_max_kv_lora_rank"]
+        if plan.dtype == torch.float32 and fp32_limit and block_c > fp32_limit and not interpreter_branch(device):
+            raise ValueError(
+                f"mla_decode: float32 at kv_lora_rank {kv_lora_rank} does not fit this device "
+                f"({_launch.family()}): its tiles need about 100 KiB of shared memory, and a MACA block has "
+                f"64 KiB; run the model in bfloat16/float16, or set MACA_INFER_OPS_IMPL=reference")
+        self.num_kv_splits = num_splits
+        self.grid = (batch, -(-num_heads // block_h), num_splits)
+        # split-KV scratch, shared by the plan's layers (they run one after another on the stream)
+        self.partial_out = torch.empty((batch, num_heads, num_splits, kv_lora_rank), dtype=torch.float32,
+                                       device=device)
+        self.partial_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=device)
+        po, pl = self.partial_out.stride(), self.partial_lse.stride()
+        self.partial_strides = (po[0], po[1], po[2], pl[0], pl[1])
+        self.constants = dict(
+            BLOCK_H=block_h, BLOCK_N=table["BLOCK_N"], BLOCK_C=block_c,
+            BLOCK_PE=max(16, next_power_of_2(plan.rope_dim)),
+            DOT_FP32=plan.dtype == torch.float32 or interpreter_branch(device), **_launch.options("mla_decode"),
+        )
+
+
+def _mla_launch(plan: MLADecodePlan) -> _MLALaunch:
+    launch = plan._memo.get("triton")
+    if launch is None:
+        launch = plan._memo["triton"] = _MLALaunch(plan)
+    return launch
+
+
+def _mla_rows(plan: MLADecodePlan) -> list:
+    """Per sequence, (block ids, offsets) of its latent rows in position order, or None for no rows."""
+    rows = plan._memo.get("reference")
+    if rows is None:
+        rows = []
+        for b, kv_len in enumerate(plan.kv_seqlens.tolist()):
+            if kv_len == 0:
+                rows.append(None)
+                continue
+            pos = torch.arange(kv_len, device=plan.block_table.device)
+            rows.append((plan.block_table[b, pos // plan.block_size].long(), pos % plan.block_size))
+        plan._memo["reference"] = rows
+    return rows
 
 
 # ==========================================================================
@@ -402,9 +545,10 @@ def fill_mla_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, latent_cache: torch.T
                        kv_c, k_pe, cache, slot_mapping, empty=num_tokens == 0)
 
 
-def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.Tensor,
-               kv_seqlens: torch.Tensor, scale: float, *, num_kv_splits: int | None = None,
-               return_lse: bool = False, out: torch.Tensor | None = None):
+def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
+               block_table: torch.Tensor | None = None, kv_seqlens: torch.Tensor | None = None,
+               scale: float | None = None, *, num_kv_splits: int | None = None, return_lse: bool = False,
+               out: torch.Tensor | None = None, plan: MLADecodePlan | None = None):
     """Absorbed MLA decode: every head attends over the shared latent rows.
 
     Parameters
@@ -436,6 +580,12 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
         Also return the log-sum-exp of the scores.
     out : torch.Tensor, optional
         ``[batch, num_heads, kv_lora_rank]``, q's dtype; written and returned.
+    plan : MLADecodePlan, optional
+        The batch's plan (:func:`plan_mla_decode`, made once per forward
+        batch): ``block_table``, ``kv_seqlens`` and ``num_kv_splits`` then
+        come from it (pass None, or the plan's own) and this call only checks
+        that the queries and cache match it. Without a plan one is made for
+        this call.
 
     Returns
     -------
@@ -455,6 +605,42 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
     ``out = sum_s exp(lse_s - lse) out_s`` with ``lse = log sum_s exp(lse_s)``.
     """
     op = "mla_decode"
+    if plan is None:
+        plan = _mla_plan_for_call(op, q_nope, q_rope, latent_cache, block_table, kv_seqlens, num_kv_splits)
+    else:
+        if not isinstance(plan, MLADecodePlan):
+            raise ValueError(f"{op}: plan must be an MLADecodePlan (from plan_mla_decode), got {type(plan).__name__}")
+        for name, given, planned in (("block_table", block_table, plan.block_table),
+                                     ("kv_seqlens", kv_seqlens, plan.kv_seqlens),
+                                     ("num_kv_splits", num_kv_splits, plan.num_kv_splits)):
+            if given is not None and given is not planned:
+                raise ValueError(f"{op}: {name} was passed with a plan made for another one; pass None "
+                                 "(the plan's is used) or make a new plan")
+    cache = _check_against_plan(op, plan, q_nope, q_rope, latent_cache)
+    _check_scale(op, scale)
+    out_shape = (plan.batch, plan.num_heads, plan.kv_lora_rank)
+    if out is None:
+        out = torch.empty(out_shape, dtype=q_nope.dtype, device=q_nope.device)
+    else:
+        _checks.check_dtype(op, "out", out, (q_nope.dtype,))
+        if tuple(out.shape) != out_shape:
+            raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {out_shape}")
+        if out.stride(-1) != 1:
+            raise ValueError(f"{op}: out's last dimension must be contiguous (stride {out.stride()})")
+        _checks.check_same_device(op, q_nope=q_nope, out=out)
+    lse = torch.empty(out_shape[:2], dtype=torch.float32, device=q_nope.device) if return_lse else None
+    _dispatch.dispatch(op, _mla_decode_triton, _mla_decode_reference,
+                       (q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens),
+                       q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens, float(scale), plan.num_kv_splits,
+                       out, lse, plan, vendor_fn=vendor.mla_decode, empty=plan.batch == 0)
+    return (out, lse) if return_lse else out
+
+
+def _mla_plan_for_call(op, q_nope, q_rope, latent_cache, block_table, kv_seqlens, num_kv_splits) -> MLADecodePlan:
+    """An unplanned call: every input checked as before, then a plan for this call only."""
+    if block_table is None or kv_seqlens is None:
+        raise ValueError(f"{op}: block_table and kv_seqlens are required without a plan; pass both, or "
+                         "plan=plan_mla_decode(...)")
     cache = _as_latent_cache(op, latent_cache)
     _checks.check_dtype(op, "q_nope", q_nope, _checks.FLOAT_DTYPES)
     _checks.check_dim(op, "q_nope", q_nope, 3, "[batch, num_heads, kv_lora_rank]")
@@ -471,31 +657,12 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
         if t.stride(-1) != 1:
             raise ValueError(f"{op}: {name}'s last dimension must be contiguous (stride {t.stride()})")
     _check_block_table(op, block_table, kv_seqlens, batch)
-    _check_scale(op, scale)
-    if num_kv_splits is None:
-        # one program per (sequence, tile of BLOCK_H heads) and split
-        block_h = _launch.config("mla_decode")["BLOCK_H"]
-        num_kv_splits = auto_num_kv_splits(batch * -(-num_heads // block_h), block_table.shape[1] * cache.shape[1],
-                                           q_nope.device)
-    elif not isinstance(num_kv_splits, int) or isinstance(num_kv_splits, bool) or num_kv_splits < 1:
-        raise ValueError(f"{op}: num_kv_splits={num_kv_splits!r} is not supported; allowed: None or an int >= 1")
-    if out is None:
-        out = torch.empty((batch, num_heads, kv_lora_rank), dtype=q_nope.dtype, device=q_nope.device)
-    else:
-        _checks.check_dtype(op, "out", out, (q_nope.dtype,))
-        if tuple(out.shape) != (batch, num_heads, kv_lora_rank):
-            raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {(batch, num_heads, kv_lora_rank)}")
-        if out.stride(-1) != 1:
-            raise ValueError(f"{op}: out's last dimension must be contiguous (stride {out.stride()})")
+    _check_num_kv_splits(op, num_kv_splits)
     _checks.check_same_device(op, q_nope=q_nope, q_rope=q_rope, latent_cache=cache, block_table=block_table,
-                              kv_seqlens=kv_seqlens, out=out)
+                              kv_seqlens=kv_seqlens)
     _check_lengths_on_host(op, kv_seqlens, block_table, cache.shape[1])
-    lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q_nope.device) if return_lse else None
-    _dispatch.dispatch(op, _mla_decode_triton, _mla_decode_reference,
-                       (q_nope, q_rope, cache, block_table, kv_seqlens),
-                       q_nope, q_rope, cache, block_table, kv_seqlens, float(scale), num_kv_splits, out, lse,
-                       vendor_fn=vendor.mla_decode, empty=batch == 0)
-    return (out, lse) if return_lse else out
+    return MLADecodePlan(block_table, kv_seqlens, batch, num_heads, kv_lora_rank, q_rope.shape[2], cache.shape[1],
+                         q_nope.dtype, q_nope.device, num_kv_splits)
 
 
 def mla_prefill(q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,

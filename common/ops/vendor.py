@@ -206,7 +206,7 @@ def paged_decode(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sli
 # ==========================================================================
 # Absorbed MLA decode (flash_mla, else flash_attn with head dim 576)
 # ==========================================================================
-def mla_decode(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse):
+def mla_decode(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_splits, out, lse, plan=None):
     """mla_decode: query = [q_nope (512) | q_rope (64)] = 576 against the latent rows
     ``[num_blocks, block_size, 576]`` viewed as one KV head; the value is the
     first 512 columns of the same rows. FlashMLA serves 64-token pages; other
