@@ -1,4 +1,4 @@
-"""Device helpers the Triton kernels share: attention scores, online softmax, split-KV merge, int4.
+"""Device helpers the Triton kernels share: attention, online softmax, split-KV merge, int4, RMSNorm rows, MoE.
 
 Each helper is a ``lazy_jit`` device function: a kernel imports it by name
 (``from maca_infer.common.ops._triton_helpers import online_softmax_step``)
@@ -179,3 +179,101 @@ def load_group_scale_zero(scale_ptrs, zero_ptrs, mask, HAS_ZEROS: tl.constexpr):
 def dequant_int4(q, scale, zero):
     """float32 weights ``(q - zero) * scale`` of an int4 tile ``q`` [BLOCK_K, BLOCK_N]; scale, zero [BLOCK_N]."""
     return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+
+
+# --------------------------------------------------------------------------
+# RMSNorm rows (norm.py, and the norm fused with int8 quantization in w8a8.py)
+# --------------------------------------------------------------------------
+@lazy_jit
+def residual_add_tile(x_rows, res_rows, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """float32 tile [ROWS, BLOCK] (columns ``offs``) of the norm's input: ``x``, or with a residual ``x + residual``.
+
+    The sum is rounded to the residual's dtype and stored back into the
+    residual first: the norm must see the residual exactly as the next layer
+    will read it back. ``x_rows``/``res_rows`` [ROWS, 1] point at each row.
+    """
+    x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(res_rows.dtype.element_ty)
+        tl.store(res_rows + offs[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@lazy_jit
+def rms_scale_tile(x, inv_rms, weight_ptr, offs, col_mask, GEMMA: tl.constexpr):
+    """``x * inv_rms * w`` (float32) of a tile ``x`` [ROWS, BLOCK]; ``w`` = weight[offs] (Gemma: ``1 + weight``)."""
+    w = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
+    return x * inv_rms[:, None] * w[None, :]
+
+
+@lazy_jit
+def rms_normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden, inv_rms, HAS_RESIDUAL: tl.constexpr,
+                    GEMMA: tl.constexpr):
+    """A later pass over a wide row: the normed tile (float32), its input read back (the updated residual, or x)."""
+    col_mask = offs < hidden
+    mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        x = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    return rms_scale_tile(x, inv_rms, weight_ptr, offs, col_mask, GEMMA)
+
+
+# --------------------------------------------------------------------------
+# fused MoE grouped GEMMs (moe.py, and the int8 experts of w8a8.py)
+# --------------------------------------------------------------------------
+@lazy_jit
+def moe_block_assignments(sorted_ids_ptr, expert_ids_ptr, num_assignments, BLOCK_M: tl.constexpr):
+    """``(assignment, valid, expert)`` of this program's block of ``moe_align_block_size``'s sorted assignments.
+
+    ``assignment`` [BLOCK_M] (``a = t * top_k + j``; padding slots hold
+    ``num_assignments``), ``valid`` [BLOCK_M] masks the padding, ``expert``
+    (int64) the block's expert. The caller has already returned for blocks
+    at or past ``num_tokens_post_pad``.
+    """
+    pid_m = tl.program_id(0)
+    assignment = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = assignment < num_assignments
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    return assignment, valid, expert
+
+
+@lazy_jit
+def moe_weight_columns(w_ptr, expert, stride_we, stride_wn, num_columns, BLOCK_N: tl.constexpr):
+    """``(offs_n, mask_n, w_rows)``: this program's BLOCK_N output columns (grid axis 1) of ``expert``'s weight.
+
+    ``w_rows`` [1, BLOCK_N] points at each column's weight row (``w[expert, n]``, K contiguous).
+    """
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < num_columns, w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+
+
+@lazy_jit
+def moe_k_tile(x_ptr, rows, stride_row, valid, k0, size_k, BLOCK_K: tl.constexpr):
+    """``(a, offs_k, mask_k)``: the [BLOCK_M, BLOCK_K] input tile at K offset ``k0`` of the block's rows.
+
+    ``rows`` [BLOCK_M] (int64) index the input rows (tokens for GEMM 1,
+    assignments for GEMM 2); padding rows (``valid`` false) and columns past
+    ``size_k`` read 0.
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < size_k
+    a = tl.load(x_ptr + rows[:, None] * stride_row + offs_k[None, :], mask=valid[:, None] & mask_k[None, :], other=0)
+    return a, offs_k, mask_k
+
+
+@lazy_jit
+def moe_activation(gate, ACTIVATION: tl.constexpr):
+    """The gate activation (float32) of the MoE MLP: 0 silu, 1 gelu (erf), 2 gelu_tanh (moe._ACTIVATION_CODE)."""
+    if ACTIVATION == 0:  # silu
+        act = gate / (1.0 + tl.exp(-gate))
+    elif ACTIVATION == 1:  # gelu (erf)
+        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
+    else:  # gelu_tanh; tanh(u) = 2 * sigmoid(2u) - 1
+        u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
+    return act

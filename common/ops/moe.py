@@ -32,7 +32,15 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
-from maca_infer.common.ops._triton_helpers import dequant_int4, load_group_scale_zero, load_int4_tile
+from maca_infer.common.ops._triton_helpers import (
+    dequant_int4,
+    load_group_scale_zero,
+    load_int4_tile,
+    moe_activation,
+    moe_block_assignments,
+    moe_k_tile,
+    moe_weight_columns,
+)
 from maca_infer.common.ops.quant import _as_uint8_packing, _dequant_fp32, _resolve_group_size
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -510,27 +518,16 @@ def _moe_gate_up_kernel_fn(
     points at ``[E, 2I, H // 2]`` bytes (low nibble first) and the tile is
     dequantized in registers with the (single) group scale of the K tile.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_post_pad = tl.load(num_post_pad_ptr)
-    if pid_m * BLOCK_M >= num_post_pad:
+    if tl.program_id(0) * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_ids_ptr + offs_m)
-    valid = assignment < num_assignments
+    assignment, valid, expert = moe_block_assignments(sorted_ids_ptr, expert_ids_ptr, num_assignments, BLOCK_M)
     token = (assignment // top_k).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < inter_size
-    gate_rows = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+    offs_n, mask_n, gate_rows = moe_weight_columns(w_ptr, expert, stride_we, stride_wn, inter_size, BLOCK_N)
     up_rows = gate_rows + inter_size * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < hidden
-        a = tl.load(x_ptr + token[:, None] * stride_xt + offs_k[None, :],
-                    mask=valid[:, None] & mask_k[None, :], other=0.0)
+        a, offs_k, mask_k = moe_k_tile(x_ptr, token, stride_xt, valid, k0, hidden, BLOCK_K)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if INT4:
             q_gate = load_int4_tile(gate_rows, offs_k, w_mask)
@@ -554,14 +551,7 @@ def _moe_gate_up_kernel_fn(
         else:
             acc_gate += tl.dot(a, w_gate.to(a.dtype))
             acc_up += tl.dot(a, w_up.to(a.dtype))
-    if ACTIVATION == 0:  # silu
-        act = acc_gate / (1.0 + tl.exp(-acc_gate))
-    elif ACTIVATION == 1:  # gelu (erf)
-        act = 0.5 * acc_gate * (1.0 + tl.erf(acc_gate * 0.7071067811865476))
-    else:  # gelu_tanh; tanh(u) = 2 * sigmoid(2u) - 1
-        u = 0.7978845608028654 * (acc_gate + 0.044715 * acc_gate * acc_gate * acc_gate)
-        act = 0.5 * acc_gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
-    h = act * acc_up
+    h = moe_activation(acc_gate, ACTIVATION) * acc_up
     tl.store(inter_ptr + assignment[:, None].to(tl.int64) * stride_ia + offs_n[None, :],
              h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
@@ -578,25 +568,14 @@ def _moe_down_kernel_fn(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """GEMM 2: out[a, n] = topk_weight[a] * (inter[a] . w2[e, n]), fp32, one row per assignment."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_post_pad = tl.load(num_post_pad_ptr)
-    if pid_m * BLOCK_M >= num_post_pad:
+    if tl.program_id(0) * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_ids_ptr + offs_m)
-    valid = assignment < num_assignments
+    assignment, valid, expert = moe_block_assignments(sorted_ids_ptr, expert_ids_ptr, num_assignments, BLOCK_M)
     rows = assignment.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < hidden
-    w_rows = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+    offs_n, mask_n, w_rows = moe_weight_columns(w_ptr, expert, stride_we, stride_wn, hidden, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter_size, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < inter_size
-        a = tl.load(inter_ptr + rows[:, None] * stride_ia + offs_k[None, :],
-                    mask=valid[:, None] & mask_k[None, :], other=0.0)
+        a, offs_k, mask_k = moe_k_tile(inter_ptr, rows, stride_ia, valid, k0, inter_size, BLOCK_K)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if INT4:
             q = load_int4_tile(w_rows, offs_k, w_mask)

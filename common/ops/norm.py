@@ -11,6 +11,7 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
+from maca_infer.common.ops._triton_helpers import residual_add_tile, rms_normed_tile, rms_scale_tile
 
 
 # Rows wider than this are normalized in chunks (two passes over the row);
@@ -42,46 +43,24 @@ def _rms_norm_kernel_fn(
     if SINGLE_BLOCK:
         col_mask = cols < hidden_size
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            # Round the sum to the storage dtype first: the norm must see the
-            # residual exactly as the next layer will read it back.
-            s = (x + r).to(residual_ptr.dtype.element_ty)
-            tl.store(res_rows + cols[None, :], s, mask=mask)
-            x = s.to(tl.float32)
+        x = residual_add_tile(x_rows, res_rows, cols, mask, HAS_RESIDUAL)
         inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / hidden_size + eps)
-        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if GEMMA:
-            w = w + 1.0
-        y = x * inv_rms[:, None] * w[None, :]
+        y = rms_scale_tile(x, inv_rms, weight_ptr, cols, col_mask, GEMMA)
         tl.store(out_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
         for start in range(0, hidden_size, BLOCK):
             offs = start + cols
-            mask = row_mask[:, None] & (offs < hidden_size)[None, :]
-            x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-                s = (x + r).to(residual_ptr.dtype.element_ty)
-                tl.store(res_rows + offs[None, :], s, mask=mask)
-                x = s.to(tl.float32)
+            x = residual_add_tile(x_rows, res_rows, offs, row_mask[:, None] & (offs < hidden_size)[None, :],
+                                  HAS_RESIDUAL)
             sum_sq += x * x
         inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / hidden_size + eps)
         for start in range(0, hidden_size, BLOCK):
             offs = start + cols
-            col_mask = offs < hidden_size
-            mask = row_mask[:, None] & col_mask[None, :]
-            if HAS_RESIDUAL:
-                x = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
-            if GEMMA:
-                w = w + 1.0
-            y = x * inv_rms[:, None] * w[None, :]
-            tl.store(out_rows + offs[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+            y = rms_normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden_size, inv_rms, HAS_RESIDUAL,
+                                GEMMA)
+            tl.store(out_rows + offs[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & (offs < hidden_size)[None, :])
 
 
 _rms_norm_kernel = lazy_jit(_rms_norm_kernel_fn)

@@ -53,6 +53,15 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch, _launch
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
+from maca_infer.common.ops._triton_helpers import (
+    moe_activation,
+    moe_block_assignments,
+    moe_k_tile,
+    moe_weight_columns,
+    residual_add_tile,
+    rms_normed_tile,
+    rms_scale_tile,
+)
 from maca_infer.common.ops.moe import (
     _ACTIVATION_CODE,
     _activation_fp32,
@@ -126,7 +135,10 @@ def _per_token_quant_kernel_fn(
 _per_token_quant_kernel = lazy_jit(_per_token_quant_kernel_fn)
 
 
-def _per_token_quant_triton(x2d):
+def _quantized_rows_launch(x2d):
+    """``(q, scale, grid, tiling)`` of a kernel quantizing each row of ``x2d`` [R, C]: its outputs
+    (int8 [R, C], float32 [R, 1]), grid and tile constexprs (several narrow rows a program; a row
+    wider than the block in passes)."""
     num_rows, row_len = x2d.shape
     q = torch.empty((num_rows, row_len), dtype=torch.int8, device=x2d.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x2d.device)
@@ -135,11 +147,14 @@ def _per_token_quant_triton(x2d):
         block = min(block, 1024)
     single_block = block >= row_len
     block_rows = max(1, min(_ROW_TILE // block, next_power_of_2(num_rows))) if single_block else 1
-    _per_token_quant_kernel[(triton.cdiv(num_rows, block_rows),)](
-        x2d, q, scale, num_rows, row_len, x2d.stride(0), q.stride(0),
-        BLOCK_ROWS=block_rows, BLOCK=block, SINGLE_BLOCK=single_block,
-        num_warps=4 if block_rows * block <= 2048 else 8,
-    )
+    tiling = dict(BLOCK_ROWS=block_rows, BLOCK=block, SINGLE_BLOCK=single_block,
+                  num_warps=4 if block_rows * block <= 2048 else 8)
+    return q, scale, (triton.cdiv(num_rows, block_rows),), tiling
+
+
+def _per_token_quant_triton(x2d):
+    q, scale, grid, tiling = _quantized_rows_launch(x2d)
+    _per_token_quant_kernel[grid](x2d, q, scale, *x2d.shape, x2d.stride(0), q.stride(0), **tiling)
     return q, scale
 
 
@@ -219,81 +234,45 @@ def _rms_norm_quant_kernel_fn(
     res_rows = residual_ptr + rows[:, None] * stride_r
     q_rows = q_ptr + rows[:, None] * stride_q
     cols = tl.arange(0, BLOCK)
+    # rms_norm's output is rounded to x's dtype (as the unfused op stores it) before it is quantized
     if SINGLE_BLOCK:
         col_mask = cols < hidden
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = (x + r).to(residual_ptr.dtype.element_ty)
-            tl.store(res_rows + cols[None, :], s, mask=mask)
-            x = s.to(tl.float32)
+        x = residual_add_tile(x_rows, res_rows, cols, mask, HAS_RESIDUAL)
         inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / hidden + eps)
-        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if GEMMA:
-            w = w + 1.0
-        y = (x * inv_rms[:, None] * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = rms_scale_tile(x, inv_rms, weight_ptr, cols, col_mask, GEMMA).to(x_ptr.dtype.element_ty).to(tl.float32)
         inv, scale = int8_row_factors(tl.max(tl.abs(y), axis=1))
         tl.store(q_rows + cols[None, :], quantize_int8(y, inv), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
         for start in range(0, hidden, BLOCK):
             offs = start + cols
-            mask = row_mask[:, None] & (offs < hidden)[None, :]
-            x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-                s = (x + r).to(residual_ptr.dtype.element_ty)
-                tl.store(res_rows + offs[None, :], s, mask=mask)
-                x = s.to(tl.float32)
+            x = residual_add_tile(x_rows, res_rows, offs, row_mask[:, None] & (offs < hidden)[None, :], HAS_RESIDUAL)
             sum_sq += x * x
         inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / hidden + eps)
         absmax = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
         for start in range(0, hidden, BLOCK):
-            y = _normed_tile(x_rows, res_rows, weight_ptr, start + cols, row_mask, hidden, inv_rms,
-                             HAS_RESIDUAL, GEMMA)
+            y = rms_normed_tile(x_rows, res_rows, weight_ptr, start + cols, row_mask, hidden, inv_rms,
+                                HAS_RESIDUAL, GEMMA).to(x_ptr.dtype.element_ty).to(tl.float32)
             absmax = tl.maximum(absmax, tl.max(tl.abs(y), axis=1))
         inv, scale = int8_row_factors(absmax)
         for start in range(0, hidden, BLOCK):
             offs = start + cols
-            y = _normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden, inv_rms, HAS_RESIDUAL, GEMMA)
+            y = rms_normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden, inv_rms, HAS_RESIDUAL,
+                                GEMMA).to(x_ptr.dtype.element_ty).to(tl.float32)
             tl.store(q_rows + offs[None, :], quantize_int8(y, inv), mask=row_mask[:, None] & (offs < hidden)[None, :])
     tl.store(scale_ptr + rows, scale, mask=row_mask)
-
-
-@lazy_jit
-def _normed_tile(x_rows, res_rows, weight_ptr, offs, row_mask, hidden, inv_rms, HAS_RESIDUAL: tl.constexpr,
-                 GEMMA: tl.constexpr):
-    """rms_norm's output for one column tile (read back from the updated residual), rounded to x's dtype, as fp32."""
-    col_mask = offs < hidden
-    mask = row_mask[:, None] & col_mask[None, :]
-    if HAS_RESIDUAL:
-        x = tl.load(res_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
-    if GEMMA:
-        w = w + 1.0
-    return (x * inv_rms[:, None] * w[None, :]).to(x_rows.dtype.element_ty).to(tl.float32)
 
 
 _rms_norm_quant_kernel = lazy_jit(_rms_norm_quant_kernel_fn)
 
 
 def _rms_norm_quant_triton(x2d, residual2d, weight, eps, gemma):
-    num_rows, hidden = x2d.shape
-    q = torch.empty((num_rows, hidden), dtype=torch.int8, device=x2d.device)
-    scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x2d.device)
-    block = min(next_power_of_2(hidden), _MAX_BLOCK)
-    if interpreter_branch(x2d.device):
-        block = min(block, 1024)
-    single_block = block >= hidden
-    block_rows = max(1, min(_ROW_TILE // block, next_power_of_2(num_rows))) if single_block else 1
+    q, scale, grid, tiling = _quantized_rows_launch(x2d)
     res = residual2d if residual2d is not None else x2d
-    _rms_norm_quant_kernel[(triton.cdiv(num_rows, block_rows),)](
-        x2d, res, weight, q, scale, num_rows, hidden, x2d.stride(0), res.stride(0), q.stride(0), eps,
-        HAS_RESIDUAL=residual2d is not None, GEMMA=gemma, BLOCK_ROWS=block_rows, BLOCK=block,
-        SINGLE_BLOCK=single_block, num_warps=4 if block_rows * block <= 2048 else 8,
+    _rms_norm_quant_kernel[grid](
+        x2d, res, weight, q, scale, *x2d.shape, x2d.stride(0), res.stride(0), q.stride(0), eps,
+        HAS_RESIDUAL=residual2d is not None, GEMMA=gemma, **tiling,
     )
     return q, scale
 
@@ -548,27 +527,16 @@ def _moe_w8a8_gate_up_kernel_fn(
     ``gate = (sum_k q_x[t, k] * w13[e, n, k]) * x_scale[t] * w13_scale[e, n]``
     (int32 accumulate), ``up`` likewise with row ``I + n``.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_post_pad = tl.load(num_post_pad_ptr)
-    if pid_m * BLOCK_M >= num_post_pad:
+    if tl.program_id(0) * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_ids_ptr + offs_m)
-    valid = assignment < num_assignments
+    assignment, valid, expert = moe_block_assignments(sorted_ids_ptr, expert_ids_ptr, num_assignments, BLOCK_M)
     token = (assignment // top_k).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < inter_size
-    gate_rows = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+    offs_n, mask_n, gate_rows = moe_weight_columns(w_ptr, expert, stride_we, stride_wn, inter_size, BLOCK_N)
     up_rows = gate_rows + inter_size * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < hidden
-        a = tl.load(qx_ptr + token[:, None] * stride_xt + offs_k[None, :],
-                    mask=valid[:, None] & mask_k[None, :], other=0)
+        a, offs_k, mask_k = moe_k_tile(qx_ptr, token, stride_xt, valid, k0, hidden, BLOCK_K)
         w_mask = mask_k[:, None] & mask_n[None, :]
         acc_gate += tl.dot(a, tl.load(gate_rows + offs_k[:, None], mask=w_mask, other=0))
         acc_up += tl.dot(a, tl.load(up_rows + offs_k[:, None], mask=w_mask, other=0))
@@ -577,14 +545,8 @@ def _moe_w8a8_gate_up_kernel_fn(
     gate = acc_gate.to(tl.float32) * x_scale[:, None] * tl.load(s_base + offs_n, mask=mask_n, other=0.0)[None, :]
     up = acc_up.to(tl.float32) * x_scale[:, None] * tl.load(s_base + inter_size + offs_n, mask=mask_n,
                                                             other=0.0)[None, :]
-    if ACTIVATION == 0:  # silu
-        act = gate / (1.0 + tl.exp(-gate))
-    elif ACTIVATION == 1:  # gelu (erf)
-        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    else:  # gelu_tanh; tanh(u) = 2 * sigmoid(2u) - 1
-        u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
-    tl.store(inter_ptr + assignment[:, None].to(tl.int64) * stride_ia + offs_n[None, :], act * up,
+    tl.store(inter_ptr + assignment[:, None].to(tl.int64) * stride_ia + offs_n[None, :],
+             moe_activation(gate, ACTIVATION) * up,
              mask=valid[:, None] & mask_n[None, :])
 
 
@@ -599,25 +561,14 @@ def _moe_w8a8_down_kernel_fn(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """GEMM 2 (int8): out[a, n] = ((acc * h_scale[a]) * w2_scale[e, n]) * topk_weight[a], float32."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_post_pad = tl.load(num_post_pad_ptr)
-    if pid_m * BLOCK_M >= num_post_pad:
+    if tl.program_id(0) * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_ids_ptr + offs_m)
-    valid = assignment < num_assignments
+    assignment, valid, expert = moe_block_assignments(sorted_ids_ptr, expert_ids_ptr, num_assignments, BLOCK_M)
     rows = assignment.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < hidden
-    w_rows = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+    offs_n, mask_n, w_rows = moe_weight_columns(w_ptr, expert, stride_we, stride_wn, hidden, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, inter_size, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < inter_size
-        a = tl.load(qh_ptr + rows[:, None] * stride_ha + offs_k[None, :],
-                    mask=valid[:, None] & mask_k[None, :], other=0)
+        a, offs_k, mask_k = moe_k_tile(qh_ptr, rows, stride_ha, valid, k0, inter_size, BLOCK_K)
         acc += tl.dot(a, tl.load(w_rows + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0))
     h_scale = tl.load(hs_ptr + rows, mask=valid, other=0.0)
     w_scale = tl.load(ws_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0)

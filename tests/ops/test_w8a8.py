@@ -482,8 +482,8 @@ def test_kernels_use_nothing_macas_triton_lacks():
 
     from maca_infer.common.ops._jit import lazy_jit
 
-    kernels = [v for v in vars(w8a8).values() if isinstance(v, lazy_jit)]
-    assert len(kernels) == 8
+    kernels = [v for v in vars(w8a8).values() if isinstance(v, lazy_jit)]  # the shared helpers they call too
+    assert len([k for k in kernels if k.fn.__module__ == w8a8.__name__]) == 7
     for kernel in kernels:
         code = re.sub(r'"""[\s\S]*?"""|#.*', "", inspect.getsource(kernel.fn))
         for pattern in (r"\btl\.extra\b", r"inline_asm", r"libdevice", r"tensor_descriptor|TensorDescriptor"):

@@ -47,8 +47,9 @@ def test_package_dirs_match_pyproject():
 def test_a_mutant_is_imported_from_the_scratch_copy(tmp_path):
     repo = mutants.make_scratch(tmp_path)
     env = mutants.scratch_env(repo)
-    mutant = next(m for m in mutants.MUTANTS if m.name == "rmsnorm-chunked-drops-gemma")
-    assert mutants.check_resolves(repo, env, mutant) == f"{repo / 'maca_infer/common/ops/norm.py'} does not hold the mutation"
+    mutant = next(m for m in mutants.MUTANTS if m.name == "rmsnorm-drops-gemma")
+    assert (mutants.check_resolves(repo, env, mutant)
+            == f"{repo / 'maca_infer/common/ops/_triton_helpers.py'} does not hold the mutation")
     original = mutants.apply(repo, mutant)
     assert mutants.check_resolves(repo, env, mutant) is None
     # the checkout itself is untouched
