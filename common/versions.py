@@ -18,7 +18,8 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "torch": (">=2.6,<2.16", "tested with 2.14.1 (sglang's pin) on CPU"),
     "triton": (">=3.0,<3.10", "tested with 3.8.0 (interpreter on CPU)"),
     "lmdeploy": (">=0.18.0,<0.19", "dlinfer interface and op-backend fix written against 0.18.0"),
-    "sglang": (">=0.5.20,<0.6", "SRTPlatform/attention registry as in 0.5.2x; tested with 0.5.23"),
+    "sglang": (">=0.5.17,<0.6", "sglang.srt.platforms as in 0.5.17 (the last torch 2.11 pin) on; "
+               "differences in adapters/sglang/compat.py; tested with 0.5.17 and 0.5.23"),
     "transformers": (">=4.56,<6", "AttentionInterface; tested with 5.19.0"),
     "diffusers": (">=0.31,<0.50", "attention dispatcher; tested with 0.42.1"),
 }

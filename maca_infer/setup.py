@@ -83,7 +83,9 @@ OWN_DEPS_RESOLVED = ("hf",)
 # (distribution, its versions, the host torch they need, why). First match per distribution decides.
 COMPAT: tuple[tuple[str, str, str, str], ...] = (
     ("sglang", "==0.5.23", ">=2.14,<2.15", "sglang 0.5.23 is built against torch 2.14 (it declares torch==2.14.1)"),
-    ("sglang", ">=0.5.12", ">=2.11", "sglang.srt.platforms (0.5.12 on) came with sglang's torch 2.11 pin"),
+    ("sglang", ">=0.5.22", ">=2.14", "sglang 0.5.22 on declare torch==2.14.1"),
+    ("sglang", ">=0.5.18", ">=2.13", "sglang 0.5.18 to 0.5.21 declare torch==2.13.0"),
+    ("sglang", ">=0.5.11", ">=2.11", "sglang 0.5.11 to 0.5.17 declare torch==2.11.0"),
     ("lmdeploy", ">=0.18.0,<0.19", ">=2.0", "lmdeploy 0.18 declares torch>=2.0.0"),
     ("transformers", ">=5", ">=2.5", "transformers 5 declares torch>=2.5"),
     ("diffusers", ">=0.42", ">=2.6", "diffusers 0.42 declares torch>=2.6"),

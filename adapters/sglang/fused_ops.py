@@ -178,18 +178,20 @@ def register_fused_op_forwards(dispatch_key: str) -> None:
     global _registered
     if _registered:
         return
-    from sglang.kernels.fused_op import BaseFusedOp
     from sglang.srt.layers.activation import SiluAndMul
     from sglang.srt.layers.layernorm import RMSNorm
     from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
+    from maca_infer.adapters.sglang.compat import oot_forward_registry
     from maca_infer.common.ops import library  # noqa: F401 - defines torch.ops.maca_infer.* for the compiled path
 
-    BaseFusedOp.register_oot_forward(RMSNorm, _rmsnorm_forward, dispatch_key)
-    BaseFusedOp.register_oot_forward(SiluAndMul, _silu_and_mul_forward, dispatch_key)
-    BaseFusedOp.register_oot_forward(RotaryEmbedding, _rotary_forward, dispatch_key)
-    BaseFusedOp.register_oot_forward(UnquantizedFusedMoEMethod, _unquantized_moe_forward, dispatch_key)
-    BaseFusedOp.register_oot_forward(TopK, _topk_forward, dispatch_key)
+    registry = oot_forward_registry()
+
+    registry.register_oot_forward(RMSNorm, _rmsnorm_forward, dispatch_key)
+    registry.register_oot_forward(SiluAndMul, _silu_and_mul_forward, dispatch_key)
+    registry.register_oot_forward(RotaryEmbedding, _rotary_forward, dispatch_key)
+    registry.register_oot_forward(UnquantizedFusedMoEMethod, _unquantized_moe_forward, dispatch_key)
+    registry.register_oot_forward(TopK, _topk_forward, dispatch_key)
     _registered = True

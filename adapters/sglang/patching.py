@@ -26,19 +26,20 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from maca_infer.adapters.sglang.compat import fix_applies, fix_versions
 from maca_infer.common.log import get_logger
 from maca_infer.common.patching import LEDGER, RuntimePatch
-from maca_infer.common.versions import range_of
 
 logger = get_logger(__name__)
 
 OWNER = "sglang"
-VERSIONS = f"{range_of('sglang')} (checked on 0.5.23)"
+VERSIONS = fix_versions("")  # the whole supported range (a fix of no FIX_SINCE name)
 HOOK_TYPES = ("around", "before", "after", "replace")
 
 
 def _declare(target: str, *, why: str, how: str, remove_when: str) -> RuntimePatch:
-    return LEDGER.declare(target, owner=OWNER, why=why, how=how, versions=VERSIONS, remove_when=remove_when)
+    return LEDGER.declare(target, owner=OWNER, why=why, how=how, versions=fix_versions(target),
+                          remove_when=remove_when)
 
 
 # ---------------------------------------------------------------------------
@@ -335,12 +336,12 @@ def _batch_invariant_mode_emulated(*args, **kwargs) -> None:
 
 
 def _apply_hook(record: RuntimePatch, fn: Callable, hook_type: str = "around") -> None:
-    if not LEDGER.is_applied(record.target):
+    if fix_applies(record.target) and not LEDGER.is_applied(record.target):
         hook(record, fn, hook_type=hook_type)
 
 
 def _apply_value(record: RuntimePatch, value_of: Callable) -> None:
-    if not LEDGER.is_applied(record.target):
+    if fix_applies(record.target) and not LEDGER.is_applied(record.target):
         set_module_value(record, value_of())
 
 

@@ -34,8 +34,9 @@ from typing import Optional
 
 import torch
 from sglang.srt.platforms.device_mixin import DeviceCapability, PlatformEnum
-from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
+from sglang.srt.platforms.interface import SRTPlatform
 
+from maca_infer.adapters.sglang.compat import LegacyPlatformHooks, PlatformCapabilities
 from maca_infer.common import envs
 from maca_infer.common.device import resolve
 from maca_infer.common.log import get_logger, log_once
@@ -134,7 +135,7 @@ def cpu_binding_for_ranks(ranks: int, cpus: list[int] | None = None) -> str:
     return "|".join(groups)
 
 
-class MacaSRTPlatform(SRTPlatform):
+class MacaSRTPlatform(LegacyPlatformHooks, SRTPlatform):
     """SRTPlatform for a real maca device: a MetaX GPU, or an NVIDIA GPU standing in.
 
     Tensors live on ``cuda:<rank>`` (mcPyTorch's name for the MetaX GPU),

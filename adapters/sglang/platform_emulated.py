@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 from sglang.srt.platforms.device_mixin import DeviceCapability
-from sglang.srt.platforms.interface import PlatformCapabilities
 
+from maca_infer.adapters.sglang import compat
+from maca_infer.adapters.sglang.compat import PlatformCapabilities
 from maca_infer.adapters.sglang.platform import (
     EMULATED_DEFAULT_MAX_TOTAL_TOKENS,
     MacaSRTPlatform,
@@ -118,6 +119,8 @@ class MacaEmulatedSRTPlatform(MacaSRTPlatform):
     def apply_server_args_defaults(self, server_args) -> None:
         """The device's defaults, then the emulated ones (never over a user's choice)."""
         super().apply_server_args_defaults(server_args)
+        if getattr(server_args, "enable_dp_attention", False):
+            compat.require("emulated_dp_attention")
         server_args.disable_cuda_graph = True
         if getattr(server_args, "max_total_tokens", None) is None:
             server_args.max_total_tokens = EMULATED_DEFAULT_MAX_TOTAL_TOKENS

@@ -43,17 +43,18 @@ def register() -> None:
     if not maca_platform_active():
         return
     _done = True
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
 
     from maca_infer.adapters.sglang.attention_backend import BACKEND_NAME, create_maca_backend
+    from maca_infer.adapters.sglang.compat import choices_module
     from maca_infer.adapters.sglang.fused_ops import register_fused_op_forwards
     from maca_infer.adapters.sglang.platform import DISPATCH_KEY
 
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(BACKEND_NAME)(create_maca_backend)
-    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
-        add_attention_backend_choices([BACKEND_NAME])
+    choices = choices_module()
+    if BACKEND_NAME not in choices.ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
+        choices.add_attention_backend_choices([BACKEND_NAME])
     _register_deterministic_choice(BACKEND_NAME)
     _register_deepseek_handler()
     register_fused_op_forwards(DISPATCH_KEY)
@@ -78,13 +79,11 @@ def _register_deterministic_choice(name: str) -> None:
     radix-supported list, so SGLang turns the radix cache off under the flag
     (a cached-prefix extend is not bitwise the same as a full prefill).
     """
-    from sglang.srt.arg_groups.choices import (
-        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
-        add_deterministic_attention_backend_choices,
-    )
+    from maca_infer.adapters.sglang.compat import choices_module
 
-    if name not in DETERMINISTIC_ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
-        add_deterministic_attention_backend_choices([name])
+    choices = choices_module()
+    if name not in choices.DETERMINISTIC_ATTENTION_BACKEND_CHOICES:  # a list.extend: add once
+        choices.add_deterministic_attention_backend_choices([name])
 
 
 def handle_attention_maca(attn, forward_batch):

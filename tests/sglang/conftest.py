@@ -225,3 +225,41 @@ def sglang_expect_failure():
 @pytest.fixture(scope="session")
 def hf_greedy_fn():
     return hf_greedy
+
+
+@pytest.fixture
+def default_server_config():
+    """SGLang's default server config published in this process, as a server's would be, undone after.
+
+    SGLang 0.5.17's layer constructors (RotaryEmbedding, SiluAndMul) read the
+    published config; a bare test there publishes the defaults of its ServerArgs
+    dataclass (no model, so ServerArgs' own resolution is not run). Later
+    releases (ServerArgs a msgspec Struct) build these layers with nothing
+    published: nothing is done there.
+    """
+    import dataclasses
+
+    from sglang.srt import runtime_context
+    from sglang.srt.server_args import ServerArgs
+
+    if not dataclasses.is_dataclass(ServerArgs):
+        yield None
+        return
+    ctx = runtime_context._CONTEXT
+    saved = {name: getattr(ctx, name) for name in type(ctx).__slots__ if hasattr(ctx, name)}
+    saved_parallel = ctx.parallel._config
+    args = object.__new__(ServerArgs)  # a dataclass there
+    for f in dataclasses.fields(ServerArgs):
+        if f.default is not dataclasses.MISSING:
+            setattr(args, f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(args, f.name, f.default_factory())
+        else:
+            setattr(args, f.name, None)
+    runtime_context.publish(args, role="test")
+    try:
+        yield args
+    finally:
+        for name, value in saved.items():
+            setattr(ctx, name, value)
+        ctx.parallel._config = saved_parallel
