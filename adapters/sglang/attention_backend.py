@@ -310,7 +310,9 @@ class MacaAttnBackend(_MacaBackendBase, _base_class()):
             _check_heads_match_pool(model, self.token_to_kv_pool)
 
     def _store_kv(self, layer, forward_batch, k, v) -> None:
-        from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        from maca_infer.adapters.sglang.compat import kv_write_loc
 
         pool = self.token_to_kv_pool
         loc = forward_batch.out_cache_loc if not layer.is_cross_attention else forward_batch.encoder_out_cache_loc
@@ -328,7 +330,7 @@ class MacaAttnBackend(_MacaBackendBase, _base_class()):
             )
         else:
             # one-token pages (or a quantized / composite pool): SGLang's own writer
-            pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+            pool.set_kv_buffer(layer, kv_write_loc(forward_batch, layer), k, v)
 
     def _caches(self, layer):
         pool = self.token_to_kv_pool
@@ -457,7 +459,9 @@ class MacaMLAAttnBackend(_MacaBackendBase, _base_class()):
         return self._paged_view(buf.view(buf.shape[0], buf.shape[-1]))
 
     def _store_latent(self, layer, forward_batch, k, k_rope) -> None:
-        from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MLATokenToKVPool
+        from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
+        from maca_infer.adapters.sglang.compat import kv_write_loc
 
         pool = self.token_to_kv_pool
         L = self.kv_lora_rank
@@ -472,7 +476,7 @@ class MacaMLAAttnBackend(_MacaBackendBase, _base_class()):
         elif k_rope is not None:
             pool.set_mla_kv_buffer(layer, forward_batch.out_cache_loc, kv_c.unsqueeze(1), k_pe.unsqueeze(1))
         else:
-            pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, None)
+            pool.set_kv_buffer(layer, kv_write_loc(forward_batch), k, None)
 
     def _split_q(self, q, q_rope, layer, rows):
         H, L = layer.tp_q_head_num, self.kv_lora_rank

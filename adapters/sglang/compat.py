@@ -8,8 +8,10 @@ touches, and what this module answers for it:
   ``support_piecewise_cuda_graph``) and per-kind pool getters
   (``get_mha_kv_pool_cls`` ...) with ``capabilities`` (a
   ``PlatformCapabilities`` struct) and ``get_kv_pool_cls(kind=)``, and made
-  ``get_paged_allocator_cls`` optional. :class:`LegacyPlatformHooks` answers
+  ``get_paged_allocator_cls`` optional: :class:`LegacyPlatformHooks` answers
   the old names from the new ones, so the platform states each fact once.
+  It also added ``KVWriteLoc.for_batch`` / ``for_layer`` (a loc carrying the
+  batch's physical mark): :func:`kv_write_loc`.
 - 0.5.20 moved the ``--attention-backend`` choice lists from
   ``sglang.srt.server_args`` to ``sglang.srt.arg_groups.choices``
   (:func:`choices_module`).
@@ -38,6 +40,7 @@ from maca_infer.common import versions
 # feature -> (first SGLang release that has it, what it is, for the error)
 FEATURES: dict[str, tuple[str, str]] = {
     "capabilities": ("0.5.22", "SRTPlatform.capabilities / get_kv_pool_cls(kind=)"),
+    "kv_write_loc_for": ("0.5.22", "KVWriteLoc.for_batch / for_layer"),
     "arg_groups": ("0.5.20", "sglang.srt.arg_groups.choices"),
     "fused_op_registry": ("0.5.18", "BaseFusedOp.register_oot_forward"),
     "emulated_dp_attention": ("0.5.19", "--enable-dp-attention on the emulated maca device "
@@ -111,6 +114,17 @@ def oot_forward_registry():
     from sglang.srt.layers.utils.multi_platform import MultiPlatformOp
 
     return MultiPlatformOp
+
+
+def kv_write_loc(forward_batch, layer=None):
+    """SGLang's KVWriteLoc for a pool write of the batch (``layer``: a cross-attention layer writes its
+    encoder loc)."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    if has("kv_write_loc_for"):
+        return KVWriteLoc.for_batch(forward_batch) if layer is None else KVWriteLoc.for_layer(forward_batch, layer)
+    cross = layer is not None and layer.is_cross_attention
+    return KVWriteLoc(forward_batch.encoder_out_cache_loc if cross else forward_batch.out_cache_loc)
 
 
 def _capabilities_class():
