@@ -455,8 +455,8 @@ def _(qweight, qzeros, scales, group_size):
 
 
 @_custom_op("gptq_to_w4a16")
-def _gptq_to_w4a16(qweight: Tensor, qzeros: Optional[Tensor], scales: Tensor, group_size: int, g_idx: Optional[Tensor] = None,
-                   sym: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+def _gptq_to_w4a16(qweight: Tensor, qzeros: Optional[Tensor], scales: Tensor, group_size: int,
+                   g_idx: Optional[Tensor] = None, sym: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     converted = ops.gptq_to_w4a16(qweight, qzeros, scales, group_size, g_idx=g_idx, sym=sym)
     return tuple(_unaliased(t, qweight, qzeros, scales) for t in converted)
 
@@ -588,13 +588,18 @@ def _with_defaults(fake, fn):
 
 
 def register() -> None:
-    """Define every custom op under ``torch.ops.maca_infer`` (once per process)."""
+    """Define every custom op under ``torch.ops.maca_infer`` (once per process).
+
+    An op that is already defined (this module imported again under another
+    name, or reloaded) is kept: torch refuses a second definition.
+    """
     global _registered
     if _registered:
         return
     for public, name, fn, fake, mutates_args in _definitions:
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args)
-        op.register_fake(_with_defaults(fake, fn))
+        if not hasattr(getattr(torch.ops, NAMESPACE), name):
+            op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args)
+            op.register_fake(_with_defaults(fake, fn))
         REGISTERED.setdefault(public, []).append(name)
     _registered = True
 

@@ -134,6 +134,17 @@ def test_register_is_idempotent():
     assert library.REGISTERED == before
 
 
+def test_a_second_import_of_the_module_keeps_the_ops(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("library_again", library.__file__)
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)  # torch would raise on a second definition of an op
+    assert again.REGISTERED == library.REGISTERED
+    x, weight = torch.randn(2, 8), torch.randn(8)
+    assert torch.equal(torch.ops.maca_infer.rms_norm(x, weight), ops.rms_norm(x, weight))
+
+
 def test_every_custom_op_has_a_test_case():
     assert set(ARGS) == set(_custom_ops())
 
@@ -228,15 +239,18 @@ class DecoderLayer(torch.nn.Module):
         return mi.silu_and_mul(x @ self.gate_up.t()) @ self.down.t()
 
 
-def _decode_inputs():
-    """Two sequences of 5 and 9 cached tokens (blocks out of order), each decoding one new token."""
+def _decode_inputs(kv_lens=(6, 10)):
+    """Sequences of ``kv_lens`` tokens (at most 2 blocks each, blocks out of order), each decoding its last one."""
     g = torch.Generator().manual_seed(2)
-    kv_lens = torch.tensor([6, 10], dtype=i32)
-    block_table = torch.tensor([[4, 1], [0, 3]], dtype=i32)
+    batch = len(kv_lens)
+    num_blocks = 2 * batch + 3  # spare blocks; no size that equals a model dimension (Dynamo's duck sizing)
+    block_table = torch.randperm(num_blocks, generator=g)[:2 * batch].reshape(batch, 2).to(i32)
+    kv_lens = torch.tensor(kv_lens, dtype=i32)
     slots = torch.stack([block_table[b, (n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for b, n in enumerate(kv_lens)])
-    return dict(hidden=torch.randn(2, HIDDEN, generator=g), residual=torch.randn(2, HIDDEN, generator=g),
-                positions=(kv_lens - 1).long(), key_cache=torch.randn(6, BLOCK, KV_HEADS, HEAD_DIM, generator=g),
-                value_cache=torch.randn(6, BLOCK, KV_HEADS, HEAD_DIM, generator=g), block_table=block_table,
+    return dict(hidden=torch.randn(batch, HIDDEN, generator=g), residual=torch.randn(batch, HIDDEN, generator=g),
+                positions=(kv_lens - 1).long(),
+                key_cache=torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g),
+                value_cache=torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g), block_table=block_table,
                 slot_mapping=slots.long(), kv_seqlens=kv_lens)
 
 
@@ -249,7 +263,7 @@ def _run(layer, inputs):
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_decoder_layer_matches_eager_without_graph_break(ops_impl, backend):
     if backend == "inductor" and ops_impl == "triton":
-        pytest.skip("inductor compiles the same graph on either tier (~7 s of C++ builds); once is enough")
+        pytest.skip("inductor compiles the same graph on either tier (C++ builds, ~7 s cold); once is enough")
     torch._dynamo.reset()
     layer = DecoderLayer()
     inputs = _decode_inputs()
@@ -267,6 +281,22 @@ def test_compiled_decoder_layer_matches_eager_without_graph_break(ops_impl, back
             torch.testing.assert_close(state[name], eager_state[name], rtol=0, atol=0)
     assert not torch.equal(eager_state["key_cache"], inputs["key_cache"])
     assert not torch.equal(eager_state["residual"], inputs["residual"])
+
+
+def test_compiled_decoder_layer_follows_the_batch_size():
+    """dynamic=True: one graph with a symbolic batch serves 3 and 5 sequences (the fakes take symbolic shapes)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    layer = DecoderLayer()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    for inputs in (_decode_inputs((6, 10, 3)), _decode_inputs((6, 10, 3, 16, 1))):
+        expected, eager_state = _run(layer, inputs)
+        actual, state = _run(compiled, inputs)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state["key_cache"], eager_state["key_cache"], rtol=0, atol=0)
+    assert counter.frame_count == 1
 
 
 def test_decoder_layer_of_custom_ops_matches_plain_torch():
@@ -288,10 +318,12 @@ def test_decoder_layer_of_custom_ops_matches_plain_torch():
 
     q, k, v = (rms(d["hidden"], w["input_norm"]) @ w["qkv"].t()).split(
         [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
-    q, k = rope(q.reshape(2, HEADS, HEAD_DIM), d["positions"]), rope(k.reshape(2, KV_HEADS, HEAD_DIM), d["positions"])
+    batch = d["hidden"].shape[0]
+    q = rope(q.reshape(batch, HEADS, HEAD_DIM), d["positions"])
+    k = rope(k.reshape(batch, KV_HEADS, HEAD_DIM), d["positions"])
     kc, vc = d["key_cache"].clone(), d["value_cache"].clone()
     kc.view(-1, KV_HEADS, HEAD_DIM)[d["slot_mapping"]] = k
-    vc.view(-1, KV_HEADS, HEAD_DIM)[d["slot_mapping"]] = v.reshape(2, KV_HEADS, HEAD_DIM)
+    vc.view(-1, KV_HEADS, HEAD_DIM)[d["slot_mapping"]] = v.reshape(batch, KV_HEADS, HEAD_DIM)
     outs = []
     for b, n in enumerate(d["kv_seqlens"].tolist()):
         keys = kc[d["block_table"][b]].reshape(-1, KV_HEADS, HEAD_DIM)[:n].repeat_interleave(HEADS // KV_HEADS, 1)
