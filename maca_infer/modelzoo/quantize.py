@@ -37,6 +37,13 @@ smooth_quant`` writes ``QLinear`` buffers): ``weight`` int8 ``[out, in]`` and
 
 (no smoothing factors are folded in: the tiny models have no calibration data,
 and LMDeploy's loader reads the same two tensors either way).
+
+The same int8 weights stored as compressed-tensors INT8 W8A8 (llm-compressor's
+``INT8_W8A8`` preset, ``format: int-quantized``; SGLang's ``w8a8_int8`` /
+``compressed-tensors`` loaders): ``weight`` int8 ``[out, in]`` and
+``weight_scale`` float32 ``[out, 1]``; config_groups declare the weights
+symmetric per channel and the input activations dynamic, symmetric, per token
+(computed at run time, nothing stored).
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ BITS = 4
 MAX_Q = (1 << BITS) - 1
 PACK = 32 // BITS  # values per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_METHODS = ("awq", "gptq", "smooth_quant")
+_METHODS = ("awq", "gptq", "smooth_quant", "compressed-tensors")
+INT8_METHODS = ("smooth_quant", "compressed-tensors")  # int8 per output channel
 INT8_MAX = 127
 
 
@@ -60,20 +68,22 @@ INT8_MAX = 127
 class QuantScheme:
     """How one quantized kind is stored."""
 
-    method: str  # "awq", "gptq" or "smooth_quant" (LMDeploy's INT8 W8A8)
-    group_size: int  # int4 group along in_features; 0 for smooth_quant (one scale per output channel)
-    sym: bool  # GPTQ only; AWQ always has zero points, smooth_quant never
+    method: str  # "awq", "gptq", "smooth_quant" (LMDeploy's INT8 W8A8) or "compressed-tensors" (INT8 W8A8)
+    group_size: int  # int4 group along in_features; 0 for the int8 methods (one scale per output channel)
+    sym: bool  # GPTQ only; AWQ always has zero points, the int8 methods never
 
     def __post_init__(self):
         if self.method not in _METHODS:
             raise ValueError(f"quant method {self.method!r} is not supported; use one of: {', '.join(_METHODS)}")
         if self.method == "awq" and self.sym:
             raise ValueError("AWQ 'gemm' checkpoints always carry zero points: sym must be False")
-        if self.method == "smooth_quant" and (not self.sym or self.group_size != 0):
-            raise ValueError("smooth_quant weights are symmetric per output channel: sym=True, group_size=0")
+        if self.method in INT8_METHODS and (not self.sym or self.group_size != 0):
+            raise ValueError(f"{self.method} weights are symmetric per output channel: sym=True, group_size=0")
 
     def config(self, modules_to_not_convert: list[str] | None) -> dict:
-        """quantization_config as AutoAWQ / AutoGPTQ / ``lmdeploy lite smooth_quant`` write it into config.json."""
+        """quantization_config as AutoAWQ / AutoGPTQ / ``lmdeploy lite smooth_quant`` / llm-compressor write it."""
+        if self.method == "compressed-tensors":
+            return compressed_tensors_w8a8_config(modules_to_not_convert or [])
         if self.method == "smooth_quant":
             config = {"quant_method": "smooth_quant", "quant_dtype": "int8"}
             if modules_to_not_convert:
@@ -189,6 +199,25 @@ def pack_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dic
     }
 
 
+def compressed_tensors_w8a8_config(ignore: list[str]) -> dict:
+    """llm-compressor's INT8_W8A8 quantization_config: int8 channel weights, dynamic int8 token activations."""
+    common = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "block_structure": None,
+              "actorder": None, "observer_kwargs": {}}
+    weights = {**common, "strategy": "channel", "dynamic": False, "observer": "minmax"}
+    inputs = {**common, "strategy": "token", "dynamic": True, "observer": None}
+    return {
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
+                                      "output_activations": None, "format": "int-quantized"}},
+        "format": "int-quantized",
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+    }
+
+
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[out, in]`` float -> (q int8 ``[out, in]``, scale float32 ``[out, 1]``), symmetric per output channel."""
     import torch
@@ -201,9 +230,10 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def quantize_linear(weight: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Packed checkpoint tensors of one Linear weight and its dequantized ``[out, in]`` float32."""
-    if scheme.method == "smooth_quant":
+    if scheme.method in INT8_METHODS:
         q, scale = quantize_int8_per_channel(weight)
-        return {"weight": q, "scale": scale}, q.float() * scale
+        scale_name = "scale" if scheme.method == "smooth_quant" else "weight_scale"
+        return {"weight": q, scale_name: scale}, q.float() * scale
     q, scales, zeros = quantize_rtn(weight, scheme.group_size, scheme)
     pack = pack_awq if scheme.method == "awq" else pack_gptq
     return pack(q, scales, zeros), dequantize_rtn(q, scales, zeros)

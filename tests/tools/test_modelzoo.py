@@ -24,6 +24,7 @@ from maca_infer.modelzoo import DEQUANT_KINDS, KINDS, QUANTIZED_KINDS, build, de
 FLOAT_KINDS = tuple(k for k in KINDS if k not in QUANTIZED_KINDS)
 SMOOTH_QUANT_KINDS = tuple(k for k in QUANTIZED_KINDS if k.endswith("-w8a8-smoothquant"))
 INT4_KINDS = tuple(k for k in QUANTIZED_KINDS if k.split("-")[1] in ("awq", "gptq"))
+COMPRESSED_TENSORS_KINDS = ("llama-w8a8", "deepseek-w8a8")  # INT8 W8A8, SGLang's w8a8_int8 / compressed-tensors
 REQUIRED_KINDS = (
     "llama", "qwen2", "qwen2_moe", "mixtral", "gemma", "deepseek_v2", "deepseek_v3",
     "llama-awq", "llama-gptq", "qwen2_moe-awq",
@@ -316,6 +317,57 @@ def test_smooth_quant_checkpoint_matches_lmdeploy_quantizer_and_dequant_referenc
             ref_q, ref_scale = per_channel_quant(original[name], torch.int8)
             assert torch.equal(ref_q, weight) and torch.equal(ref_scale, scale), name
         rel = float((weight.double() * scale.double() - original[name].double()).norm() / original[name].double().norm())
+        assert 1e-3 < rel < 0.02, f"{name}: relative int8 quantization error {rel:.4f}"
+
+
+@pytest.mark.parametrize("kind", COMPRESSED_TENSORS_KINDS)
+def test_compressed_tensors_w8a8_checkpoint_matches_dequant_reference(kind, tmp_path):
+    """compressed-tensors INT8 W8A8: ``weight`` int8 [out, in] + ``weight_scale`` float32 [out, 1] per Linear
+    (attention incl. MLA's kv_b_proj, MLPs, every expert; routers and lm_head stay float, listed in
+    ``ignore``), a config compressed-tensors' own parser reads as channel int8 weights with dynamic token
+    int8 activations; ``q * scale`` is the float32 -dequant reference, whose other tensors are the
+    quantized kind's bf16 values. (SGLang's loader and dequantizer read it back in tests/sglang/test_w8a8_loading.py.)"""
+    from maca_infer.common import ops
+
+    path = get(kind)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert ops.w8a8_check_quant_config(qc) == "compressed-tensors"
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        pass
+    else:
+        parsed = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+        assert (parsed.weights.num_bits, parsed.weights.type, parsed.weights.strategy) == (8, "int", "channel")
+        assert parsed.input_activations.dynamic and parsed.input_activations.strategy == "token"
+    quantized = load_file(path / "model.safetensors")
+    reference = load_file(get(dequant_kind(kind)) / "model.safetensors")
+    # the float32 weights the factory quantizes (same seed)
+    architecture = json.loads((path / modelzoo.MANIFEST).read_text())["architecture"]
+    original = load_file(build(architecture, tmp_path / "float", dtype="float32") / "model.safetensors")
+    modules = sorted(n.removesuffix(".weight_scale") for n in quantized if n.endswith(".weight_scale"))
+    routers = [n.removesuffix(".weight") for n in quantized if n.endswith("mlp.gate.weight")]
+    assert qc["ignore"] == ["lm_head"] + routers
+    assert not set(qc["ignore"]) & set(modules)
+    if kind.startswith("deepseek"):
+        assert routers and any(m.endswith("self_attn.kv_b_proj") for m in modules)
+        assert any(".experts.7.down_proj" in m for m in modules) and any("shared_experts" in m for m in modules)
+    for name, tensor in quantized.items():
+        module = name.rsplit(".", 1)[0]
+        if module not in modules:
+            assert tensor.dtype in (torch.bfloat16, torch.float32), name  # float32: V3's routing bias
+            assert torch.equal(tensor.float(), reference[name].float()), name
+            continue
+        if name.endswith(".weight_scale"):
+            continue
+        scale = quantized[f"{module}.weight_scale"]
+        assert tensor.dtype == torch.int8 and scale.dtype == torch.float32, name
+        assert scale.shape == (tensor.shape[0], 1), name
+        assert int(tensor.abs().amax(dim=1).min()) == 127, f"{name}: each row's largest |q| must be 127"
+        assert reference[name].dtype == torch.float32
+        assert torch.equal(tensor.float() * scale, reference[name]), name
+        weight = original[name].double()
+        rel = float((reference[name].double() - weight).norm() / weight.norm())
         assert 1e-3 < rel < 0.02, f"{name}: relative int8 quantization error {rel:.4f}"
 
 
