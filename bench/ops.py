@@ -509,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def tiers_markdown() -> str:
-    """Which tier (triton / reference) served each op measured here, and every fallback that happened."""
+    """Which tier (vendor / triton / reference) served each op measured here, and every fallback that happened."""
     tiers, fallbacks = _dispatch.tiers(), _dispatch.fallbacks()
     if not tiers and not fallbacks:
         return ""

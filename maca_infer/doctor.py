@@ -277,9 +277,18 @@ def _ops_section(kind: str | None) -> dict[str, Any]:
         tier = "triton" if _dispatch.triton_available() else "reference (triton is not importable)"
     else:
         tier = "reference"
+    vendor_libs = None
+    if kind == "maca" or forced == "vendor":
+        from maca_infer.common.ops import vendor
+
+        vendor_libs = vendor.available()  # library -> importable
+        if forced == "auto" and any(vendor_libs.values()):
+            found = ", ".join(name for name, ok in vendor_libs.items() if ok)
+            tier = f"vendor ({found}) where it serves the call, else {tier}"
     return {
         "impl": forced,
         "tier": tier,
+        "vendor_libraries": vendor_libs,
         "fallback_allowed": envs.ops_fallback_allowed(),
         "launch_family": _launch.family() if kind else None,
         "ran": _dispatch.tiers(),  # op -> tier, for the ops this process ran
@@ -369,6 +378,8 @@ def render(report: dict[str, Any]) -> str:
                 ["launch table", ops["launch_family"] or "-"],
                 ["fallback to reference", "allowed (MACA_INFER_OPS_FALLBACK=1)" if ops["fallback_allowed"]
                  else "off on a device: a failing kernel raises (MACA_INFER_OPS_FALLBACK=1 allows it)"]]
+        for lib, ok in (ops.get("vendor_libraries") or {}).items():
+            rows.append([f"vendor library: {lib}", "importable" if ok else "missing (its ops run on triton)"])
         rows += [[f"ran: {op}", tier] for op, tier in ops["ran"].items()]
         rows += [[f"FELL BACK: {f['op']}", f"{f['reason']} [{f['shapes']}]"] for f in ops["fallbacks"]]
         parts.append(_table(["item", "value"], rows))

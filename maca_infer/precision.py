@@ -523,8 +523,11 @@ def check(model: str, *, impl: str = "auto", dtype: str = "bfloat16", metric: st
     import torch
 
     if impl == "vendor":
-        raise PrecisionError("--impl vendor: no vendor tier in this build: MACA_INFER_OPS_IMPL accepts "
-                             "auto|reference|triton (vendor bindings of MetaX flash_attn/mcoplib are not wired yet)")
+        from maca_infer.common.ops import vendor
+
+        if not any(vendor.available().values()):
+            raise PrecisionError("--impl vendor: none of MetaX's vendor libraries imports here (flash_attn, "
+                                 "flash_mla, mcoplib._C); use --impl auto|triton|reference")
     if impl not in IMPLS or dtype not in DTYPES or metric not in METRICS:
         raise PrecisionError(f"impl={impl!r} dtype={dtype!r} metric={metric!r}: choose from {IMPLS}, {DTYPES}, {METRICS}")
     if batch is not None and batch < 1:
@@ -675,7 +678,7 @@ def plot_snr(report: Report, path: Path) -> str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("model", metavar="MODEL_DIR", help="Hugging Face model folder (or a model-zoo kind, e.g. llama)")
-    p.add_argument("--impl", choices=IMPLS, default="auto", help="op tier of the candidate (vendor: not in this build)")
+    p.add_argument("--impl", choices=IMPLS, default="auto", help="op tier of the candidate (vendor: MetaX's flash_attn/mcoplib)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="candidate dtype")
     p.add_argument("--metric", choices=METRICS, default="snr", help="what decides pass/fail (the table shows all)")
     which = p.add_mutually_exclusive_group()

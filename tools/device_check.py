@@ -12,12 +12,15 @@ step never hides the others:
 
 ops        every op's Triton kernel compiled for the card (``MACA_INFER_OPS_IMPL=triton``,
            ``TRITON_INTERPRET`` unset) against its torch reference on the card, on the
-           bench cases' real model shapes (small batch / context). Not ``pytest tests/ops``:
+           bench cases' real model shapes (small batch / context); where MetaX's libraries
+           import (flash_attn / flash_mla / mcoplib), the vendor tier against the same
+           reference too (the vendor marshalling's first check on real kernels). Not ``pytest tests/ops``:
            those tests build CPU tensors and their conftest sets ``TRITON_INTERPRET=1``,
            so on any host they run the interpreter, never a compiled kernel.
 resources  each kernel launched once in the default (auto) tier; per kernel the shared
            memory, registers and spills of the compiled binary (``CompiledKernel.metadata``,
-           ``n_regs``, ``n_spills``), warps, stages; the tier each op ran and every fallback.
+           ``n_regs``, ``n_spills``), warps, stages; the tier each op ran (vendor or triton
+           on a device; reference is a failure) and every fallback.
 bench      ``python -m maca_infer.bench`` (= ``maca-infer bench ops``): measured time per case
            and its share of the bandwidth/compute floor.
 parity     SmolLM2-135M (model zoo ``smollm2``) served by ``lmdeploy serve api_server --device
@@ -217,13 +220,16 @@ def _ops_section(data: dict) -> list[str]:
     rows = data.get("cases", [])
     if not rows:
         return ["(no results)"]
-    lines = ["Compiled Triton kernel vs torch reference on the device (max |a-b| / max |ref|).", "",
-             "| op | model | shape | status | rel. error | tolerance | detail |", "|---|---|---|---|---|---|---|"]
+    lines = ["Compiled Triton kernel (and MetaX's vendor kernel, where its libraries import) vs torch "
+             "reference on the device (max |a-b| / max |ref|).", "",
+             "| op | model | shape | status | rel. error | tolerance | vendor | vendor error | detail |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in rows:
-        err = c.get("error")
+        err, verr = c.get("error"), c.get("vendor_error")
         lines.append(f"| {_cell(c.get('op'))} | {_cell(c.get('model'))} | {_cell(c.get('shape'))} | "
                      f"{_cell(c.get('status'))} | {'n/a' if err is None else f'{err:.2e}'} | "
-                     f"{_cell(c.get('tolerance'))} | {_cell(c.get('detail', ''))} |")
+                     f"{_cell(c.get('tolerance'))} | {_cell(c.get('vendor', '-'))} | "
+                     f"{'-' if verr is None else f'{verr:.2e}'} | {_cell(c.get('detail', ''))} |")
     return lines
 
 
@@ -386,26 +392,40 @@ def worker_ops(path: Path, device: str = "cuda", cases=None) -> int:
 
     from maca_infer.common import envs
 
+    from maca_infer.common.ops import vendor
+
     dev = torch.device(device)
+    impls = ("triton", "reference") + (("vendor",) if any(vendor.available().values()) else ())
     rows, failed = [], 0
     for case in _small_cases() if cases is None else cases:
         row = {"op": case.op, "model": case.model, "shape": case.shape}
         try:
             outs = {}
-            for impl in ("triton", "reference"):
+            for impl in impls:
                 # the same inputs both times (built in the default tier: routing of the MoE cases
                 # included), fresh because in-place ops (rotary, cache fill) write them
                 with envs.temporarily(MACA_INFER_OPS_IMPL="auto"):
                     torch.manual_seed(0)
                     fn = case.make(dev)
                 with envs.temporarily(MACA_INFER_OPS_IMPL=impl):
-                    result = fn()
+                    try:
+                        result = fn()
+                    except RuntimeError as exc:
+                        if impl != "vendor" or "MACA_INFER_OPS_IMPL=vendor" not in str(exc):
+                            raise
+                        row["vendor"] = "n/a: " + str(exc).split(": ", 1)[-1][:120]  # cannot serve / no kernel
+                        continue
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     outs[impl] = _tensors_of(fn, result)
             err, dtype = _compare(outs["triton"], outs["reference"])
             tol = _TOLERANCE.get(dtype, 1e-3)
-            row.update(error=err, tolerance=tol, detail=dtype, status="pass" if err <= tol else "FAIL")
+            ok = err <= tol
+            if "vendor" in outs:
+                row["vendor_error"], _ = _compare(outs["vendor"], outs["reference"])
+                ok = ok and row["vendor_error"] <= tol
+                row["vendor"] = "pass" if row["vendor_error"] <= tol else "FAIL"
+            row.update(error=err, tolerance=tol, detail=dtype, status="pass" if ok else "FAIL")
         except Exception as exc:  # noqa: BLE001 - one broken op must not hide the others
             row.update(error=None, tolerance=None, status="ERROR", detail=f"{type(exc).__name__}: {exc}"[:300])
         failed += row["status"] != "pass"
@@ -437,15 +457,16 @@ def worker_resources(path: Path, device: str = "cuda", cases=None) -> int:
     kernels = list(recorder.kernels.values())
     path.write_text(json.dumps({"kernels": kernels, "tiers": _dispatch.tiers(), "fallbacks": _dispatch.fallbacks(),
                                 "errors": errors}, indent=1))
-    not_triton = [op for op, tier in _dispatch.tiers().items() if tier != "triton"]
+    # on a device every op runs on MetaX's vendor kernel or our Triton kernel: the reference means a fallback
+    on_reference = [op for op, tier in _dispatch.tiers().items() if tier not in ("triton", "vendor")]
     spills = [k["kernel"] for k in kernels if k.get("n_spills")]
     for k in kernels:
         print(k, flush=True)
-    if not_triton:
-        print("ops not on the Triton tier:", not_triton)
+    if on_reference:
+        print("ops on neither the vendor nor the Triton tier:", on_reference)
     if spills:
         print("kernels that spill:", spills)
-    return 1 if errors or not_triton or not kernels else 0
+    return 1 if errors or on_reference or not kernels else 0
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ that imports torch, so LMDeploy's spawned engine/checker children get it too):
     (the same objects under both names, never a second copy). When upstream is
     chosen, the finder steps aside and, once ``dlinfer`` has finished
     importing, registers maca-infer's ops into its ``vendor_ops_registry``
-    (only names it lacks, see ``registration.py``).
+    (replacing its maca vendor's ops, adding the ones it lacks: ``registration.py``).
 
 ``PostImportHooks``
     Runs a callback right after a named module finishes executing, so LMDeploy

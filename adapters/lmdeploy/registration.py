@@ -3,14 +3,19 @@
 Upstream dlinfer keeps ``dlinfer.vendor.vendor_ops_registry`` (op name ->
 function) and its public ``dlinfer.ops`` functions look names up there at
 call time. With an upstream dlinfer chosen (``MACA_INFER_DLINFER=upstream``,
-or ``auto`` with one installed) we leave its modules and its own ops alone
-and only *add* the ops its maca vendor lacks:
+or ``auto`` with one installed) we leave its modules alone and put every op
+maca-infer implements into that registry:
 
-- ``weight_quant_matmul`` (AWQ W4A16 linear, what LMDeploy's AWQ path calls),
-- ``fused_moe_w4a16`` and ``w4a16_linear`` (int4 MoE experts / linears),
-- ``fill_mla_cache``, ``mla_decode``, ``mla_prefill`` (DeepSeek MLA).
+- the ops upstream's maca vendor has (attention, KV fill, norms, rotary,
+  SiLU-and-mul, MoE gating, ...) are *replaced*: upstream calls MetaX's
+  flash_attn / mcoplib directly, maca-infer reaches the same kernels through
+  its op dispatch's vendor tier (``common/ops/vendor.py``), so there is one
+  path with one set of checks, tier reports and fallbacks (issue #12);
+- the ops it lacks are *added*: ``weight_quant_matmul`` (AWQ W4A16 linear),
+  ``fused_moe_w4a16`` and ``w4a16_linear``, ``fill_mla_cache``,
+  ``mla_decode``, ``mla_prefill`` (DeepSeek MLA).
 
-Every addition is recorded (``registered()``); nothing existing is replaced.
+Every registration is recorded (``registered()``: "added" or "replaced").
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ from maca_infer.common.log import get_logger
 
 logger = get_logger(__name__)
 
-# the ops maca-infer adds to an upstream registry when it lacks them
+# the ops upstream's maca vendor lacks (added); the others of dlinfer_ops.__all__ replace upstream's
 GAP_OPS = dlinfer_ops.GAP_OPS
 
-_registered: dict[str, str] = {}  # op name -> "added" | "kept upstream"
+_registered: dict[str, str] = {}  # op name -> "added" | "replaced"
 
 
 def register_into(dlinfer_module: types.ModuleType) -> dict[str, str]:
-    """Add maca-infer's gap ops to ``dlinfer.vendor.vendor_ops_registry``.
+    """Put maca-infer's ops into ``dlinfer.vendor.vendor_ops_registry``.
 
     Called right after an upstream ``dlinfer`` finished importing (its vendor
     registered its own ops by then). Returns what happened per op name.
@@ -43,15 +48,15 @@ def register_into(dlinfer_module: types.ModuleType) -> dict[str, str]:
                        "maca-infer ops were not registered into it")
         return {}
     vendor_name = getattr(vendor, "vendor_name", "?")
-    for name in GAP_OPS:
-        if name in registry:
-            _registered[name] = "kept upstream"
-            continue
-        registry[name] = getattr(dlinfer_ops, name)
-        _registered[name] = "added"
-    added = sorted(n for n, s in _registered.items() if s == "added")
-    logger.info("upstream dlinfer (vendor %s) in use; maca-infer registered: %s",
-                vendor_name, ", ".join(added) or "nothing (it has them all)")
+    for name in dlinfer_ops.__all__:
+        ours = getattr(dlinfer_ops, name)
+        if registry.get(name) is not ours:  # a second call changes nothing
+            _registered[name] = "replaced" if name in registry else "added"
+            registry[name] = ours
+    for state in ("replaced", "added"):
+        names = sorted(n for n, s in _registered.items() if s == state)
+        logger.info("upstream dlinfer (vendor %s) in use; maca-infer %s: %s", vendor_name, state,
+                    ", ".join(names) or "nothing")
     return dict(_registered)
 
 

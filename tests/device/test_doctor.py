@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -176,3 +177,17 @@ def test_doctor_shows_the_ops_tier_and_every_fallback(fake_maca_host, monkeypatc
     assert "FELL BACK: rms_norm" in text and "RuntimeError: planted" in text and "ran: silu_and_mul" in text
     monkeypatch.setenv("MACA_INFER_OPS_FALLBACK", "1")
     assert doctor.collect()["device"]["ops"]["fallback_allowed"] is True
+
+
+def test_doctor_shows_the_vendor_tier_on_a_metax_host(fake_maca_host, vendor_fakes, monkeypatch):
+    """MetaX's libraries importable (CPU fakes here): auto's first tier is vendor, and what served each op."""
+    from maca_infer.common.ops import _dispatch
+
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", "auto")
+    monkeypatch.setattr(_dispatch, "_last", {"paged_decode_attention": "vendor", "rms_norm": "triton"})
+    ops = doctor.collect()["device"]["ops"]
+    assert ops["vendor_libraries"] == {"flash_attn": True, "flash_mla": True, "mcoplib._C": True}
+    assert ops["tier"].startswith("vendor (flash_attn, flash_mla, mcoplib._C) where it serves the call, else ")
+    text = doctor.render(doctor.collect())
+    assert re.search(r"vendor library: flash_mla +importable", text)
+    assert re.search(r"ran: paged_decode_attention +vendor", text)

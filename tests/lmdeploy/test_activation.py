@@ -91,16 +91,16 @@ def _probe(mode: str, pythonpath: str | None):
     return subprocess.run([PYTHON, "-c", PROBE], capture_output=True, text=True, env=env, timeout=180)
 
 
-def test_upstream_dlinfer_is_kept_and_gets_the_missing_ops(tmp_path):
+def test_upstream_dlinfer_is_kept_and_its_registry_holds_our_ops(tmp_path):
     _write_fake_upstream(tmp_path)
     proc = _probe("auto", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["file"].startswith(str(tmp_path)), "the installed dlinfer must be the one imported"
     assert report["provided_by"] == "upstream"
-    # upstream's own op stays in place ...
-    assert report["registry"]["rms_norm"] == "dlinfer.vendor.maca"
-    assert report["rms_norm"] == "upstream rms_norm"
+    # upstream's own op is replaced by ours (one path to MetaX's kernels: our dispatch's vendor tier) ...
+    assert report["registry"]["rms_norm"] == "maca_infer.adapters.lmdeploy.dlinfer_ops"
+    assert report["rms_norm"].startswith("tensor(")
     # ... and the gaps are filled by maca-infer
     for name in ("weight_quant_matmul", "fused_moe_w4a16", "w4a16_linear", "fill_mla_cache", "mla_decode",
                  "mla_prefill"):

@@ -165,7 +165,7 @@ def test_report_tables_from_synthetic_results():
     results = [
         dc.StepResult("ops", "fail", 12.3, tail="FAIL paged_decode_attention", data={"cases": [
             {"op": "rms_norm", "model": "Llama-3-8B", "shape": "T=4 H=4096", "status": "pass", "error": 1.5e-3,
-             "tolerance": 0.025, "detail": "bfloat16"},
+             "tolerance": 0.025, "detail": "bfloat16", "vendor": "pass", "vendor_error": 2.5e-3},
             {"op": "paged_decode_attention", "model": "Qwen2.5-7B", "shape": "B=4", "status": "FAIL",
              "error": 0.3, "tolerance": 0.025, "detail": "bfloat16"}]}),
         dc.StepResult("resources", "pass", 4.0, data={
@@ -193,7 +193,7 @@ def test_report_tables_from_synthetic_results():
     assert "| ops | FAIL | 12.3 |" in text and "| resources | pass | 4.0 |" in text
     assert "| parity | TIMEOUT | 240.0 | killed after 240 s |" in text
     # ops: kernel vs reference
-    assert "| rms_norm | Llama-3-8B | T=4 H=4096 | pass | 1.50e-03 | 0.025 | bfloat16 |" in text
+    assert "| rms_norm | Llama-3-8B | T=4 H=4096 | pass | 1.50e-03 | 0.025 | pass | 2.50e-03 | bfloat16 |" in text
     assert "| paged_decode_attention | Qwen2.5-7B | B=4 | FAIL | 3.00e-01 |" in text
     # resources: shared, registers, spills, warps, stages; tiers and fallbacks
     assert "| _rms_norm_kernel | rms_norm | BLOCK=1024 | 4096 | 40 | 0 | 4 | 1 |" in text
@@ -270,6 +270,32 @@ def test_ops_worker_passes_real_kernels_and_flags_a_wrong_one(tmp_path, monkeypa
     assert rows["broken_op"]["status"] == "FAIL" and rows["broken_op"]["detail"] == "bfloat16"
     assert _dispatch.last_impl("rms_norm") == "reference"  # the reference ran last, after the kernel
     assert dc.worker_ops(out, device="cpu", cases=real) == 0
+
+
+def test_ops_worker_checks_the_vendor_tier_where_its_libraries_import(tmp_path, monkeypatch, vendor_fakes):
+    """With MetaX's libraries importable (CPU fakes here) each case also runs on the vendor tier against the
+    reference; a vendor result off the reference fails the case, a call it cannot serve is shown as n/a."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 to run Triton kernels on CPU tensors")
+    from maca_infer.common.ops import vendor
+
+    cases = [c for c in dc._small_cases() if c.model == "Llama-3-8B" and c.op in ("silu_and_mul", "fill_kv_cache")]
+    assert [c.op for c in cases] == ["silu_and_mul", "fill_kv_cache"]
+    out = tmp_path / "ops.json"
+    assert dc.worker_ops(out, device="cpu", cases=cases) == 0
+    rows = {r["op"]: r for r in dc.json.loads(out.read_text())["cases"]}
+    assert rows["silu_and_mul"]["vendor"] == "pass" and rows["fill_kv_cache"]["vendor"] == "pass"
+    assert "| pass |" in "\n".join(dc._ops_section({"cases": list(rows.values())}))
+
+    monkeypatch.setattr(vendor, "act_and_mul", lambda x, out, activation: out.copy_(x[..., : out.shape[-1]]))
+    assert dc.worker_ops(out, device="cpu", cases=cases[:1]) == 1
+    row = dc.json.loads(out.read_text())["cases"][0]
+    assert row["vendor"] == "FAIL" and row["status"] == "FAIL" and row["vendor_error"] > row["tolerance"]
+
+    monkeypatch.setattr(vendor, "act_and_mul", lambda *a: vendor._need(False, "planted"))
+    assert dc.worker_ops(out, device="cpu", cases=cases[:1]) == 0
+    assert dc.json.loads(out.read_text())["cases"][0]["vendor"].startswith("n/a: ")
 
 
 def test_resources_worker_records_each_kernel_once_with_its_op_and_the_tiers(tmp_path, monkeypatch):

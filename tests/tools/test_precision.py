@@ -214,7 +214,7 @@ def test_cli_table_json_png_and_exit_status(tmp_path, capsys, monkeypatch):
     [
         (["/nonexistent/model"], "no such model directory"),
         (["llama", "--layers", "model.layers.1.mpl"], "close matches: model.layers.1.mlp"),
-        (["llama", "--impl", "vendor"], "no vendor tier in this build"),
+        (["llama", "--impl", "vendor"], "none of MetaX's vendor libraries imports here"),
         (["llama", "--tokens", "0"], "--tokens 0: must be >= 1"),
     ],
 )
