@@ -122,6 +122,15 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
+def _planned(plan, key: str, make):
+    """``make()``, kept on a decode plan (attention.DecodePlan / mla.MLADecodePlan) for its other layers."""
+    if plan is None:
+        return make()
+    if key not in plan._memo:
+        plan._memo[key] = make()
+    return plan._memo[key]
+
+
 def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
     """maca-infer's window W (the query and W - 1 keys before it) as flash-attn's (left, right)."""
     if sliding_window is None:
@@ -183,16 +192,17 @@ def paged_decode(q4, key_cache, value_cache, block_table, kv_seqlens, scale, sli
                  alibi_slopes, num_kv_splits, out4, lse3, plan=None):
     """paged_decode_attention through ``flash_attn_with_kvcache`` (q ``[B, q_len, H, D]``, causal).
 
-    ``plan`` (attention.DecodePlan, when the op passes one) adds nothing flash-attn needs: its
-    ``block_table`` / ``kv_seqlens`` arrive here as well."""
+    ``plan`` (attention.DecodePlan, when the op passes one): the int32 index tensors are made once
+    per batch and kept on it for the other layers."""
     _check_attention(q4, value_cache.shape[-1], True, logit_softcap, alibi_slopes)
     _need_page_size(key_cache.shape[1])
     _need(key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1,
           "flash_attn needs caches with a contiguous last dim")
     fa = _module("flash_attn")
     # num_kv_splits is a maca-infer tuning knob: flash-attn picks its own (num_splits=0)
+    seqlens, table = _planned(plan, "vendor_index", lambda: (_int32(kv_seqlens), _int32(block_table)))
     result = fa.flash_attn_with_kvcache(
-        q4, key_cache, value_cache, cache_seqlens=_int32(kv_seqlens), block_table=_int32(block_table),
+        q4, key_cache, value_cache, cache_seqlens=seqlens, block_table=table,
         softmax_scale=scale, causal=True, window_size=_window(sliding_window, True),
         softcap=logit_softcap or 0.0, alibi_slopes=alibi_slopes, num_splits=0,
         return_softmax_lse=lse3 is not None,
@@ -219,11 +229,12 @@ def mla_decode(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_spl
     batch, num_heads = q_nope.shape[:2]
     q = torch.cat([q_nope, q_rope], dim=-1).unsqueeze(1)  # [B, 1, H, 576]
     kv = cache.unsqueeze(2)  # [NB, BS, 1, 576], a view
-    seqlens, table = _int32(kv_seqlens), _int32(block_table)
+    seqlens, table = _planned(plan, "vendor_index", lambda: (_int32(kv_seqlens), _int32(block_table)))
     block_size = cache.shape[1]
     if block_size == FLASH_MLA_PAGE and not isinstance(_import("flash_mla"), str):
         fm = _module("flash_mla")
-        metadata, splits = fm.get_mla_metadata(seqlens, num_heads, 1)
+        # FlashMLA's tile schedule depends on the lengths and head count only: once per batch with a plan
+        metadata, splits = _planned(plan, "flash_mla_metadata", lambda: fm.get_mla_metadata(seqlens, num_heads, 1))
         o, l = fm.flash_mla_with_kvcache(q, kv, table, seqlens, kv_lora_rank, metadata, splits,
                                          softmax_scale=scale, causal=True)
         o = o[:, 0]

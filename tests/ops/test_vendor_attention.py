@@ -197,3 +197,22 @@ def test_mla_without_flash_mla_uses_flash_attn_576(vendor_fakes, monkeypatch, cl
     vendor.forget_libraries()
     _mla_call()()
     assert _calls("flash_attn")[-1] == "flash_attn_with_kvcache"
+
+
+def test_planned_mla_decode_asks_flash_mla_for_its_schedule_once_per_batch(vendor_fakes, close):
+    """A plan serves every layer: FlashMLA's get_mla_metadata runs once, flash_mla_with_kvcache per layer."""
+    from maca_infer.common.ops.mla import plan_mla_decode
+
+    kv_lens, num_heads, dtype, scale = [70, 1, 130], 16, torch.bfloat16, 0.07
+    paged = PagedLatents(kv_lens, 512, 64, 64, dtype, seed=21)
+    kv_seqlens = torch.tensor(kv_lens)
+    plan = plan_mla_decode(paged.block_table, kv_seqlens, num_heads=num_heads, kv_lora_rank=512, rope_dim=64,
+                           block_size=64, dtype=dtype)
+    generator = torch.Generator().manual_seed(22)
+    for layer in range(3):
+        q_nope = torch.randn(len(kv_lens), num_heads, 512, generator=generator).to(dtype)
+        q_rope = torch.randn(len(kv_lens), num_heads, 64, generator=generator).to(dtype)
+        got = mla_decode(q_nope, q_rope, paged.cache, scale=scale, plan=plan)
+        close(got, decode_float64(q_nope, q_rope, paged.latents, 512, scale)[0], dtype, f"layer {layer}")
+    calls = _calls("flash_mla")
+    assert calls.count("get_mla_metadata") == 1 and calls.count("flash_mla_with_kvcache") == 3
