@@ -75,7 +75,10 @@ def supported_model_types() -> list[str]:
 
 def register_attention() -> None:
     """Register attn_implementation="maca" (and experts_implementation="maca" where Transformers has
-    ExpertsInterface) and the Diffusers "maca" attention backend, for the frameworks installed."""
+    ExpertsInterface) and the Diffusers "maca" attention backend, for the frameworks installed.
+
+    RuntimeError on Transformers < 4.48 (no AttentionInterface), before anything is registered;
+    ``enable(model)`` works there."""
     if versions.installed_version("transformers") is not None:
         versions.require("transformers")
         from maca_infer.adapters.hf import transformers_attention, transformers_experts

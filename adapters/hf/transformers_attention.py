@@ -94,8 +94,22 @@ def maca_attention_forward(
     )
 
 
+def require_interface() -> None:
+    """RuntimeError unless the installed Transformers has AttentionInterface (>= 4.48)."""
+    from maca_infer.adapters.hf import _compat
+
+    if not _compat.has_attention_interface():
+        raise RuntimeError(
+            f'maca-infer: attn_implementation="maca" needs transformers >= {_compat.ATTENTION_INTERFACE_SINCE} '
+            f"(AttentionInterface); transformers {_compat.transformers_version()} is installed. "
+            "maca_infer.adapters.hf.enable(model) works on it: it puts our attention in through the model's "
+            "attention classes."
+        )
+
+
 def register() -> None:
-    """Make attn_implementation="maca" known to Transformers (idempotent)."""
+    """Make attn_implementation="maca" known to Transformers (idempotent); RuntimeError before 4.48."""
+    require_interface()
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
@@ -106,6 +120,10 @@ def register() -> None:
 
 def unregister() -> None:
     """Remove "maca" from Transformers' interfaces (models still set to it will fail to look it up)."""
+    from maca_infer.adapters.hf import _compat
+
+    if not _compat.has_attention_interface():
+        return
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -114,6 +132,10 @@ def unregister() -> None:
 
 
 def is_registered() -> bool:
+    from maca_infer.adapters.hf import _compat
+
+    if not _compat.has_attention_interface():
+        return False
     from transformers.modeling_utils import AttentionInterface
 
     return AttentionInterface._global_mapping.get(NAME) is maca_attention_forward

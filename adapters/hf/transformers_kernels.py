@@ -9,19 +9,24 @@
   views into it, so no memory is duplicated and the state dict is unchanged;
 - the architecture's ``apply_rotary_pos_emb`` -> ``ops.apply_rotary`` (neox
   style), inside this model's attention modules only (ledgered: _patches.ROTARY);
-- attention -> attn_implementation="maca" (``transformers_attention``);
+- attention -> attn_implementation="maca" (``transformers_attention``), or on
+  Transformers without AttentionInterface (< 4.48) the attention-class seam
+  (``transformers_attention_classes``);
 - routed MoE experts -> experts_implementation="maca" (``ops.fused_moe``,
   ``transformers_experts``) where the model has ExpertsInterface experts.
 ``disable_model(model)`` undoes all of it; the model then computes exactly
 what it computed before enable.
 
 Architectures: ARCHITECTURES below (model_type -> modeling module and class
-names). Anything else is a ValueError naming the supported model types.
+names; a module matches a class name when its class or a base class has it,
+so 4.46's LlamaSdpaAttention counts as LlamaAttention). Anything else is a
+ValueError naming the supported model types.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import threading
 import types
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from maca_infer.adapters.hf import _compat
 from maca_infer.adapters.hf._patches import ROTARY
 from maca_infer.common.patching import LEDGER
 from maca_infer.common.log import get_logger, log_once
@@ -77,6 +83,10 @@ _STATE_ATTR = "_maca_infer_state"
 
 def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
+
+
+def _is_one_of(module: torch.nn.Module, class_names: tuple[str, ...]) -> bool:
+    return any(cls.__name__ in class_names for cls in type(module).__mro__)
 
 
 def architecture_of(model: torch.nn.Module) -> tuple[str, Architecture]:
@@ -206,22 +216,36 @@ def _make_rotary(stock):
     """Our replacement for a modeling module's ``apply_rotary_pos_emb``.
 
     q: [B, Hq, S, D], k: [B, Hk, S, D]; cos/sin: [B | 1, S, D] with both halves
-    equal (neox layout, cat(freqs, freqs)). Runs ops.apply_rotary on
+    equal (neox layout, cat(freqs, freqs)), or a [S_max, D] table with
+    ``position_ids`` [B, S] (Mixtral on Transformers 4.46 gathers
+    cos[position_ids]; a 3D cos/sin is already per position and
+    ``position_ids`` is not used, as the stock functions do). Runs ops.apply_rotary on
     [B*S, H, D] token views with cos/sin [B*S, D/2]:
         out[..., :D/2] = x1 cos - x2 sin, out[..., D/2:] = x2 cos + x1 sin.
     Outside an enabled model's attention, or for layouts it does not
     recognise, the stock function runs.
     """
 
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
-        if not _in_rotary_scope() or args or kwargs or unsqueeze_dim != 1:
-            return stock(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
-        reason = _rotary_unsupported(q, k, cos, sin)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    # the stock function's parameters after (q, k, cos, sin): (unsqueeze_dim) or, on 4.46, (position_ids, unsqueeze_dim)
+    after_sin = [p.name for p in inspect.signature(stock).parameters.values() if p.kind in positional][4:]
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if not _in_rotary_scope() or len(args) > len(after_sin):
+            return stock(q, k, cos, sin, *args, **kwargs)
+        extra = {**dict(zip(after_sin, args)), **kwargs}
+        position_ids = extra.pop("position_ids", None)
+        if extra.pop("unsqueeze_dim", 1) != 1 or extra:
+            return stock(q, k, cos, sin, *args, **kwargs)
+        table = position_ids is not None and cos.dim() == 2
+        cos_at, sin_at = (cos[position_ids], sin[position_ids]) if table else (cos, sin)
+        reason = _rotary_unsupported(q, k, cos_at, sin_at)
         if reason is None and _autograd_needed(q, k):
-            return stock(q, k, cos, sin, unsqueeze_dim)
+            return stock(q, k, cos, sin, *args, **kwargs)
         if reason is not None:
             log_once(logger, logging.INFO, "rotary: %s; the stock apply_rotary_pos_emb runs", reason)
-            return stock(q, k, cos, sin, unsqueeze_dim)
+            return stock(q, k, cos, sin, *args, **kwargs)
+        cos, sin = cos_at, sin_at
         from maca_infer.common.ops.rotary import apply_rotary
 
         batch, q_heads, seq, head_dim = q.shape
@@ -283,6 +307,7 @@ class ModelState:
     hooks: list = field(default_factory=list)
     rotary_module: str | None = None
     previous_experts: str | None = None
+    attention_classes: object | None = None  # transformers_attention_classes.ClassSwap (< 4.48)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -308,11 +333,11 @@ def enable_model(
     try:
         for module in model.modules():
             name = type(module).__name__
-            if rms_norm and name in arch.rms_norm_classes:
+            if rms_norm and _is_one_of(module, arch.rms_norm_classes):
                 module._maca_gemma_norm = arch.gemma_norm
                 module.forward = types.MethodType(_rms_norm_forward, module)
                 state.patched_forwards.append(module)
-            elif mlp and name in arch.mlp_classes:
+            elif mlp and _is_one_of(module, arch.mlp_classes):
                 activation = next((getattr(config, a) for a in arch.activation_attrs if getattr(config, a, None)), None)
                 reason = _can_fuse(module)
                 if activation not in _GATED_ACTIVATIONS:
@@ -325,7 +350,7 @@ def enable_model(
                 state.fused_mlps.append(module)
                 module.forward = types.MethodType(_gated_mlp_forward, module)
                 state.patched_forwards.append(module)
-            elif rotary and name in arch.attention_classes:
+            elif rotary and _is_one_of(module, arch.attention_classes):
                 state.hooks.append(module.register_forward_pre_hook(_enter_rotary_scope))
                 state.hooks.append(module.register_forward_hook(_leave_rotary_scope, always_call=True))
         if rotary and state.hooks:
@@ -345,8 +370,11 @@ def enable_model(
 
 
 def _set_maca_attention(model: torch.nn.Module, state: ModelState) -> None:
-    from maca_infer.adapters.hf import transformers_attention
+    from maca_infer.adapters.hf import transformers_attention, transformers_attention_classes
 
+    if not _compat.has_attention_interface():
+        state.attention_classes = transformers_attention_classes.enable(model)
+        return
     transformers_attention.register()
     state.previous_attention = model.config._attn_implementation
     model.set_attn_implementation(transformers_attention.NAME)
@@ -363,13 +391,18 @@ def _set_maca_experts(model: torch.nn.Module, state: ModelState) -> None:
 
 
 def can_use_maca_attention(model: torch.nn.Module) -> bool:
-    """Does this model pick its attention through AttentionInterface (so "maca" can be set)?"""
+    """Does this model pick its attention through AttentionInterface (so "maca" can be set), or on
+    Transformers < 4.48 through attention-class tables?"""
+    if not _compat.has_attention_interface():
+        from maca_infer.adapters.hf import transformers_attention_classes
+
+        return transformers_attention_classes.has_attention_classes(model)
     can_set = getattr(model, "_can_set_attn_implementation", None)
     return bool(can_set and can_set())
 
 
 def enable_attention_only(model: torch.nn.Module) -> ModelState:
-    """attn_implementation="maca" for any model type that dispatches through AttentionInterface."""
+    """Our attention for any model type that dispatches through AttentionInterface (or attention classes)."""
     if is_enabled(model):
         raise RuntimeError(f"maca_infer.adapters.hf.enable: {type(model).__name__} is already enabled; disable() it first")
     state = ModelState(getattr(model.config, "model_type", type(model).__name__))
@@ -391,6 +424,10 @@ def _undo(model: torch.nn.Module, state: ModelState) -> None:
         _release_rotary(state.rotary_module)
     if state.previous_attention is not None:
         model.set_attn_implementation(state.previous_attention)
+    if state.attention_classes is not None:
+        from maca_infer.adapters.hf import transformers_attention_classes
+
+        transformers_attention_classes.undo(state.attention_classes)
     if state.previous_experts is not None:
         model.set_experts_implementation(state.previous_experts)
 

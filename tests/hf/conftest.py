@@ -73,11 +73,13 @@ def load_llm():
     from transformers import AutoModelForCausalLM
 
     import maca_infer.adapters.hf as maca_hf
+    from maca_infer.adapters.hf import _compat
     from maca_infer.modelzoo import get
 
     def load(kind: str, dtype: torch.dtype = torch.float32, **kwargs):
         path = get(kind)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=maca_hf.device_map(), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **_compat.dtype_kwargs(dtype),
+                                                     device_map=maca_hf.device_map(), **kwargs)
         return model.eval()
 
     return load

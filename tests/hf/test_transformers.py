@@ -4,7 +4,9 @@ Tiny random Llama / Qwen2 / Gemma from the model zoo (plus Mistral with a
 sliding window and Qwen3 built from configs): logits of real tokens match
 stock SDPA within float32 tolerance, greedy generate gives identical tokens,
 our ops are the ones running (counted), and disable() gives back exactly
-the stock outputs.
+the stock outputs. The same tests run on Transformers 4.46 (attention through
+the attention classes, no AttentionInterface); what that release cannot do
+(attn_implementation="maca", ExpertsInterface, Qwen3) skips naming the version.
 """
 
 from __future__ import annotations
@@ -15,11 +17,25 @@ import pytest
 import torch
 
 import maca_infer.adapters.hf as maca_hf
-from maca_infer.adapters.hf import transformers_attention, transformers_kernels
+from maca_infer.adapters.hf import (
+    _compat, transformers_attention, transformers_attention_classes, transformers_experts, transformers_kernels,
+)
 
 # float32 logits: our kernels accumulate in float32 like the stock path, in another order
 LOGITS_ATOL = 1e-4
 MLP_OPS = {"llama": "silu_and_mul", "qwen2": "silu_and_mul", "gemma": "gelu_and_mul"}
+INTERFACE = _compat.has_attention_interface()
+needs_attention_interface = pytest.mark.skipif(
+    not INTERFACE, reason='attn_implementation="maca" needs transformers >= 4.48 (AttentionInterface)')
+needs_experts_interface = pytest.mark.skipif(
+    not transformers_experts.interface_available(), reason="experts_implementation needs transformers >= 5")
+
+
+def _assert_maca_attention_set(model):
+    if INTERFACE:
+        assert model.config._attn_implementation == "maca"
+    else:  # the attention classes' seam: our scaled_dot_product_attention is installed
+        assert transformers_attention_classes.users() > 0
 
 
 def _logits(model, ids, mask):
@@ -43,7 +59,7 @@ def test_enable_matches_stock_and_round_trips(kind, load_llm, make_batch, op_cal
     assert not op_calls, "stock run must not touch our ops"
 
     maca_hf.enable(model)
-    assert model.config._attn_implementation == "maca"
+    _assert_maca_attention_set(model)
     ours = _logits(model, ids, mask)
     real = mask.bool()
     torch.testing.assert_close(ours[real], stock_logits[real], atol=LOGITS_ATOL, rtol=1e-4)
@@ -61,8 +77,25 @@ def test_enable_matches_stock_and_round_trips(kind, load_llm, make_batch, op_cal
     assert transformers_kernels._rotary_users == {}
     modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
     assert not hasattr(modeling.apply_rotary_pos_emb, "__maca_stock__")  # the stock function is back
+    assert not hasattr(torch.nn.functional.scaled_dot_product_attention, "__maca_stock__")
 
 
+@pytest.mark.skipif(INTERFACE, reason="transformers >= 4.48 has AttentionInterface")
+def test_attn_implementation_maca_before_4_48_is_a_clear_error(load_llm, make_batch, op_calls):
+    with pytest.raises(RuntimeError, match=r'attn_implementation="maca" needs transformers >= 4\.48.*enable\(model\) works'):
+        maca_hf.register_attention()
+    # enable() still works there (test_enable_matches_stock_and_round_trips covers it fully)
+    model = load_llm("llama")
+    ids, mask = make_batch(model.config.vocab_size, [4], seed=2, device=model.device)
+    maca_hf.enable(model)
+    try:
+        _logits(model, ids, mask)
+    finally:
+        maca_hf.disable(model)
+    assert op_calls["varlen_attention"] > 0
+
+
+@needs_attention_interface
 def test_attn_implementation_maca_at_load_time(load_llm, make_batch, op_calls):
     maca_hf.register_attention()
     stock = load_llm("llama")
@@ -77,6 +110,10 @@ def test_attn_implementation_maca_at_load_time(load_llm, make_batch, op_calls):
 
 def test_static_cache_generate(load_llm, make_batch, op_calls):
     model = load_llm("llama")
+    if not INTERFACE and all(d in ("cpu", "disk") for d in getattr(model, "hf_device_map", {"": 0}).values()):
+        # transformers 4.46 looks for an accelerator in hf_device_map to place a static cache (IndexError when
+        # every module is on "cpu", as on the emulated device); without the map it uses the model's device
+        del model.hf_device_map
     ids, mask = make_batch(model.config.vocab_size, [6, 4], seed=11, device=model.device)
     options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
     with torch.no_grad():
@@ -138,8 +175,15 @@ def _from_config(model_type: str, **extra):
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32, attn_implementation=attn_implementation
+        config, **_compat.dtype_kwargs(torch.float32), attn_implementation=attn_implementation
     ).to(maca_hf.device()).eval()
+
+
+def _needs_model_type(model_type: str, since: str):
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"{model_type} needs transformers >= {since}")
 
 
 @pytest.mark.parametrize(
@@ -148,6 +192,8 @@ def _from_config(model_type: str, **extra):
     ids=["mistral-sliding-window", "qwen3-qk-norm"],
 )
 def test_more_architectures(model_type, extra, make_batch, op_calls):
+    if model_type == "qwen3":
+        _needs_model_type("qwen3", "4.51")
     model = _from_config(model_type, **extra)
     ids, mask = make_batch(64, [10, 6], seed=5, device=model.device)
     stock = _logits(model, ids, mask)
@@ -167,22 +213,25 @@ def test_more_architectures(model_type, extra, make_batch, op_calls):
 def test_mixture_of_experts_models(kind, load_llm, make_batch, op_calls, maca_log):
     """Norms, rotary, attention, Qwen2-MoE's shared expert MLP and the routed experts (fused_moe) swapped."""
     model = load_llm(kind)
-    stock_experts = model.config._experts_implementation
+    stock_experts = getattr(model.config, "_experts_implementation", None)
+    # transformers < 5: no ExpertsInterface; Qwen2-MoE's routed experts are Qwen2MoeMLPs (our gated MLP),
+    # Mixtral's stay stock
+    routed_op = "fused_moe" if transformers_experts.interface_available() else None
     ids, mask = make_batch(model.config.vocab_size, [7, 4], seed=8, device=model.device)
     stock = _logits(model, ids, mask)
     stock_tokens = _greedy(model, ids, mask, new_tokens=4)
     maca_hf.enable(model)
     try:
-        assert model.config._experts_implementation == "maca"
+        assert getattr(model.config, "_experts_implementation", "maca") == "maca"
         real = mask.bool()
         torch.testing.assert_close(_logits(model, ids, mask)[real], stock[real], atol=LOGITS_ATOL, rtol=1e-4)
         assert torch.equal(_greedy(model, ids, mask, new_tokens=4), stock_tokens)
-        for op in ("varlen_attention", "rms_norm", "apply_rotary", "fused_moe"):
-            assert op_calls[op] > 0, f"{op} did not run"
+        for op in ("varlen_attention", "rms_norm", "apply_rotary", routed_op):
+            assert op is None or op_calls[op] > 0, f"{op} did not run"
         assert not any(" runs" in line for line in maca_log), maca_log  # no fallback
     finally:
         maca_hf.disable(model)
-    assert model.config._experts_implementation == stock_experts
+    assert getattr(model.config, "_experts_implementation", None) == stock_experts
     assert torch.equal(_logits(model, ids, mask), stock)
 
 
@@ -239,6 +288,7 @@ def test_mask_our_kernel_cannot_take_falls_back_with_one_line(load_llm, op_calls
     assert "not full, causal or sliding-window" in fallback_lines[0]
 
 
+@needs_attention_interface
 def test_training_dropout_falls_back(load_llm, maca_log):
     model = load_llm("llama")
     query = torch.randn(1, 4, 5, 32)
@@ -252,6 +302,28 @@ def test_training_dropout_falls_back(load_llm, maca_log):
         attention.eval()
     assert out.shape == (1, 5, 4, 32)
     assert any("dropout=0.5 in training" in line for line in maca_log)
+
+
+@pytest.mark.skipif(INTERFACE, reason="the attention classes' seam is for transformers < 4.48")
+def test_attention_classes_dropout_in_training_falls_back(load_llm, make_batch, op_calls, maca_log):
+    """Dropout in training: the attention classes' call goes to torch's SDPA (said once); outside, torch's own."""
+    model = load_llm("llama")
+    ids, mask = make_batch(model.config.vocab_size, [5], seed=3, device=model.device)
+    attentions = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    maca_hf.enable(model)
+    try:
+        for module in attentions:
+            module.attention_dropout = 0.5
+        model.train()
+        with torch.no_grad():
+            _logits(model, ids, mask)
+    finally:
+        model.eval()
+        for module in attentions:
+            module.attention_dropout = 0.0
+        maca_hf.disable(model)
+    assert op_calls["varlen_attention"] == 0 and op_calls["rms_norm"] > 0
+    assert any("dropout_p=0.5" in line and "stock SDPA attention runs" in line for line in maca_log), maca_log
 
 
 def test_versions_are_checked_at_enable(load_llm, monkeypatch):
@@ -289,12 +361,16 @@ def test_fused_mlp_survives_moving_the_model(load_llm, make_batch):
 
 
 def test_device_map_auto_lands_on_the_maca_device(load_llm, make_batch):
+    if maca_hf.device().type == "cpu" and _compat.transformers_version().release < (4, 56):
+        pytest.skip("transformers < 4.56 places device_map='auto' weights through torch.device(<index>), which "
+                    "needs a real accelerator: the emulated maca device cannot serve it")
     from transformers import AutoModelForCausalLM
 
     from maca_infer.modelzoo import get
 
     reference = load_llm("llama")
-    auto = AutoModelForCausalLM.from_pretrained(get("llama"), dtype=torch.float32, device_map="auto").eval()
+    auto = AutoModelForCausalLM.from_pretrained(get("llama"), **_compat.dtype_kwargs(torch.float32),
+                                                device_map="auto").eval()
     devices = {p.device for p in auto.parameters()}
     # on a device host "auto" says cuda:0; the maca device is cuda (index 0)
     assert {(d.type, d.index or 0) for d in devices} == {(maca_hf.device().type, maca_hf.device().index or 0)}
@@ -317,6 +393,7 @@ def test_autograd_runs_stock_modules(load_llm, make_batch, op_calls, maca_log):
     model.zero_grad(set_to_none=True)
 
 
+@needs_experts_interface
 def test_experts_implementation_maca_at_load_time(load_llm, make_batch, op_calls):
     maca_hf.register_attention()
     stock = load_llm("mixtral")
