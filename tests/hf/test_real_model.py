@@ -35,13 +35,15 @@ def test_enable_on_smollm2_equals_hf_greedy(model_dir, ref, op_calls):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import maca_infer.adapters.hf as maca_hf
+    from maca_infer.adapters.hf import _compat
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **_compat.dtype_kwargs(torch.float32),
                                                  device_map=maca_hf.device_map()).eval()
     maca_hf.enable(model)
     try:
-        assert model.config._attn_implementation == "maca"
+        if _compat.has_attention_interface():
+            assert model.config._attn_implementation == "maca"
         n = ref["request"]["max_new_tokens"]
         got = []
         with torch.no_grad():
@@ -57,7 +59,10 @@ def test_enable_on_smollm2_equals_hf_greedy(model_dir, ref, op_calls):
                                     pad_token_id=0)
         assert got == ref["greedy"]
         assert tok.decode(answer[0, inp.shape[1]:], skip_special_tokens=True) == ref["chat"][0]
-        assert ref["chat"][0] == "The capital of France is Paris."
+        if _compat.transformers_version().release >= (4, 56):
+            # transformers 4.46 reads this GGUF into a model that answers nonsense (stock and ours alike,
+            # token for token, as checked above): the sanity check of the reference only holds on 5.x
+            assert ref["chat"][0] == "The capital of France is Paris."
         for op in ("rms_norm", "apply_rotary", "varlen_attention", "silu_and_mul"):
             assert op_calls[op] > 0, f"{op} did not run"
     finally:
