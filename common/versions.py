@@ -20,8 +20,10 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "lmdeploy": (">=0.18.0,<0.19", "dlinfer interface and op-backend fix written against 0.18.0"),
     "sglang": (">=0.5.17,<0.6", "sglang.srt.platforms as in 0.5.17 (the last torch 2.11 pin) on; "
                "differences in adapters/sglang/compat.py; tested with 0.5.17 and 0.5.23"),
-    "transformers": (">=4.56,<6", "AttentionInterface; tested with 5.19.0"),
-    "diffusers": (">=0.31,<0.50", "attention dispatcher; tested with 0.42.1"),
+    "transformers": (">=4.46,<6", "AttentionInterface from 4.48, the attention classes before it; "
+                     "tested with 4.46.3 and 5.19.0"),
+    "diffusers": (">=0.31,<0.50", "AttnProcessor2_0 everywhere, the attention dispatcher from 0.35; "
+                  "tested with 0.31.0 and 0.42.1"),
 }
 
 
