@@ -11,23 +11,16 @@ from __future__ import annotations
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import maca_infer.adapters.hf as maca_hf
-from maca_infer.adapters.hf import _compat
 from maca_infer.common.ops import _dispatch
-from maca_infer.modelzoo import get
 
 OPS = ("rms_norm", "silu_and_mul", "apply_rotary", "varlen_attention")
 
 
-def test_llama_forward_goes_through_the_vendor_tier(vendor_fakes):
-    stock = AutoModelForCausalLM.from_pretrained(get("llama"), **_compat.dtype_kwargs(torch.float32)).eval()
-    model = AutoModelForCausalLM.from_pretrained(get("llama"), **_compat.dtype_kwargs(torch.float16),
-                                                 device_map=maca_hf.device_map()).eval()
-    ids = torch.randint(3, model.config.vocab_size - 3, (2, 6), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+def test_llama_forward_goes_through_the_vendor_tier(vendor_fakes, load_llm, make_batch):
+    stock, model = load_llm("llama"), load_llm("llama", torch.float16)
+    ids, mask = make_batch(model.config.vocab_size, [6, 4])
     with torch.no_grad():
         expected = stock(input_ids=ids, attention_mask=mask).logits
         maca_hf.enable(model)

@@ -39,8 +39,13 @@ def random_slots(num_tokens, num_blocks, block_size, generator, padding=2):
 @pytest.mark.parametrize("num_kv_heads, head_dim, v_head_dim", [(1, 64, 64), (3, 24, 40), (2, 192, 128)])
 @pytest.mark.parametrize("slots_dtype", (torch.int32, torch.int64))
 def test_fill_kv_cache(ops_impl, dtype, block_size, num_kv_heads, head_dim, v_head_dim, slots_dtype, nan_tensor):
+    check_fill(ops_impl, dtype, block_size, num_kv_heads, head_dim, v_head_dim, slots_dtype, nan_tensor)
+
+
+def check_fill(impl, dtype, block_size, num_kv_heads, head_dim, v_head_dim, slots_dtype, nan_tensor, num_tokens=7):
+    """Random tokens (with -1 padding) into NaN caches through ``impl``; every slot checked bit for bit."""
     generator = torch.Generator().manual_seed(block_size + head_dim)
-    num_tokens, num_blocks = 7, 3
+    num_blocks = 3
     key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(dtype)
     value = torch.randn(num_tokens, num_kv_heads, v_head_dim, generator=generator).to(dtype)
     key_cache = nan_tensor((num_blocks, block_size, num_kv_heads, head_dim), dtype)
@@ -49,7 +54,7 @@ def test_fill_kv_cache(ops_impl, dtype, block_size, num_kv_heads, head_dim, v_he
     key_expected, value_expected = expected_caches(key, value, key_cache, value_cache, slots)
 
     fill_kv_cache(key, value, key_cache, value_cache, torch.tensor(slots, dtype=slots_dtype))
-    assert _dispatch.last_impl("fill_kv_cache") == ops_impl
+    assert _dispatch.last_impl("fill_kv_cache") == impl
     assert torch.equal(key_cache.isnan(), key_expected.isnan()), "a slot was written that should not be, or missed"
     assert torch.equal(value_cache.isnan(), value_expected.isnan())
     assert torch.equal(key_cache.nan_to_num(), key_expected.nan_to_num())

@@ -19,7 +19,7 @@ from maca_infer.common.ops.moe import moe_topk_softmax
 from maca_infer.common.ops.norm import add_rms_norm, rms_norm
 from maca_infer.common.ops.rotary import apply_rotary, rotary_embedding
 from tests.ops.test_activation import gated_float64
-from tests.ops.test_kv_cache import expected_caches, random_slots
+from tests.ops.test_kv_cache import check_fill
 from tests.ops.test_moe import softmax_float64
 from tests.ops.test_norm import rms_norm_float64
 from tests.ops.test_rotary import POSITIONS, cos_sin_tables, fused_qkv_views, rope_float64
@@ -35,21 +35,8 @@ def _called(module, name):
 @pytest.mark.parametrize("block_size, num_kv_heads, head_dim", [(16, 1, 64), (32, 3, 24), (64, 2, 128)])
 @pytest.mark.parametrize("slots_dtype", (torch.int32, torch.int64))
 def test_fill_kv_cache(vendor_fakes, dtype, block_size, num_kv_heads, head_dim, slots_dtype, nan_tensor):
-    generator = torch.Generator().manual_seed(block_size + head_dim)
-    num_tokens, num_blocks = 9, 3
-    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(dtype)
-    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(dtype)
-    key_cache = nan_tensor((num_blocks, block_size, num_kv_heads, head_dim), dtype)
-    value_cache = nan_tensor((num_blocks, block_size, num_kv_heads, head_dim), dtype)
-    slots = random_slots(num_tokens, num_blocks, block_size, generator)  # with -1 padding
-    key_expected, value_expected = expected_caches(key, value, key_cache, value_cache, slots)
-
-    fill_kv_cache(key, value, key_cache, value_cache, torch.tensor(slots, dtype=slots_dtype))
-
-    assert _dispatch.last_impl("fill_kv_cache") == "vendor"
+    check_fill("vendor", dtype, block_size, num_kv_heads, head_dim, head_dim, slots_dtype, nan_tensor, num_tokens=9)
     assert _called("mcoplib._C", "reshape_and_cache_flash")
-    for got, expected in ((key_cache, key_expected), (value_cache, value_expected)):
-        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
