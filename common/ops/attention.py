@@ -1062,7 +1062,7 @@ def varlen_attention(
     _dispatch.dispatch(op, run_triton, run_reference, (q, k, v), empty=q.shape[0] == 0,
                        vendor_fn=lambda: vendor.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
                                                         scale, causal, sliding_window, logit_softcap, alibi_slopes,
-                                                        out, paged=False))
+                                                        out, paged=False, max_seqlen_k=max_seqlen_k))
     return out
 
 

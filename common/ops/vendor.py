@@ -158,10 +158,12 @@ def _lse_of_empty_rows(lse: torch.Tensor) -> torch.Tensor:
 # Attention (flash_attn)
 # ==========================================================================
 def prefill(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q, scale, causal, sliding_window,
-            logit_softcap, alibi_slopes, out, paged):
+            logit_softcap, alibi_slopes, out, paged, max_seqlen_k=None):
     """varlen_attention (``paged=False``, ``kv_index`` = cu_seqlens_k) and paged_prefill_attention
     (``paged=True``: ``k``/``v`` are the caches, ``kv_index`` = kv_seqlens) through
-    ``flash_attn_varlen_func`` (its ``block_table`` argument for the paged one)."""
+    ``flash_attn_varlen_func`` (its ``block_table`` argument for the paged one). The longest
+    sequences are the caller's when given; otherwise one host read each (paged keys: the
+    block table's capacity, an upper bound flash-attn accepts)."""
     _check_attention(q, v.shape[-1], causal, logit_softcap, alibi_slopes)
     if paged:
         _need_page_size(k.shape[1])
@@ -175,7 +177,8 @@ def prefill(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q, scale, c
         table = _int32(block_table)
     else:
         cu_k = _int32(kv_index)
-        max_seqlen_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
         table = None
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0

@@ -216,3 +216,17 @@ def test_planned_mla_decode_asks_flash_mla_for_its_schedule_once_per_batch(vendo
         close(got, decode_float64(q_nope, q_rope, paged.latents, 512, scale)[0], dtype, f"layer {layer}")
     calls = _calls("flash_mla")
     assert calls.count("get_mla_metadata") == 1 and calls.count("flash_mla_with_kvcache") == 3
+
+
+def test_varlen_hands_the_callers_longest_lengths_to_flash_attn(vendor_fakes, close):
+    """max_seqlen_q/k given by the caller reach flash_attn as they are (no host read): the fake refuses
+    bounds below a sequence's length, so a too-small one shows it was passed through."""
+    q_lens = k_lens = [3, 9]
+    keys, values = _sequences(k_lens, 2, 32, 32, torch.float16, seed=8)
+    q = torch.randn(sum(q_lens), 2, 32).half()
+    args = (q, torch.cat(keys), torch.cat(values), _cu(q_lens), _cu(k_lens))
+    got = attn.varlen_attention(*args, max_seqlen_q=9, max_seqlen_k=9)
+    expected, _ = _expected_f64(q[3:], keys[1], values[1])
+    close(got[3:], expected, torch.float16, "sequence 1")
+    with pytest.raises(RuntimeError, match="max_seqlen_q/k below a sequence's length"):
+        attn.varlen_attention(*args, max_seqlen_q=9, max_seqlen_k=4)
