@@ -28,7 +28,8 @@ steps on both sides and reports the first step whose tokens differ with the
 baseline's top-2 margin there, to tell a near-tie from a bug.
 
 Usage:
-    maca-infer precision MODEL_DIR|KIND [--impl auto|reference|triton] [--dtype bfloat16|float16|float32]
+    maca-infer precision MODEL_DIR|KIND [--impl auto|reference|triton|vendor]
+        [--dtype bfloat16|float16|float32]
         [--metric snr|cosine|mse|all] [--layers a,b | --batch N] [--prompt TEXT | --tokens N]
         [--all-layers] [--generate N] [--json FILE]  (FILE.png beside it: SNR by layer)
 """
