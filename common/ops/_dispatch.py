@@ -15,7 +15,8 @@ Rules (one for every op):
   An explicit request never falls back.
 - ``auto`` (default): on a real MACA device, the vendor kernel when its
   library imports and it serves the call (else the next tier, one debug line
-  per op and reason; a vendor kernel that *fails* raises). Then the Triton
+  per op and reason; a vendor kernel that *fails* raises, naming the op and
+  its inputs). Then the Triton
   kernel when the tensors live on a device
   (real MACA or a CUDA stand-in) and triton imports; the reference otherwise
   (the emulated maca device). If an auto-picked kernel fails to build or
@@ -143,6 +144,11 @@ def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensor
                                    ) from exc
             log_once(logger, logging.DEBUG, "%s: the vendor kernel cannot serve this call (%s); next tier", op, exc)
             impl = _kernel_or_reference(op, tensors, _on_device(tensors))
+        except Exception as exc:  # noqa: BLE001 - name the op and inputs; never a silent switch of tier
+            raise RuntimeError(
+                f"{op}: MetaX's vendor kernel failed on inputs [{_describe_inputs(tensors)}]: "
+                f"{type(exc).__name__}: {exc}. MACA_INFER_OPS_IMPL=triton runs maca-infer's Triton kernel instead"
+            ) from exc
         else:
             _record(op, VENDOR)
             return out

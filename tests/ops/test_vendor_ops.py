@@ -206,3 +206,20 @@ def test_auto_on_maca_without_the_libraries_runs_triton(monkeypatch):
         assert _dispatch.last_impl("silu_and_mul") == "triton"
     finally:
         vendor.forget_libraries()
+
+
+
+@pytest.mark.parametrize("forced", ("vendor", "auto"))
+def test_a_failing_vendor_kernel_is_an_error_naming_the_op_and_inputs(vendor_fakes, monkeypatch, forced):
+    """Not a silent switch of tier (auto on a MetaX card included): the library's error, the op and its inputs."""
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", forced)
+    monkeypatch.setattr(_dispatch, "_on_device", lambda tensors: True)
+    monkeypatch.setattr(_dispatch, "_device_kind", lambda: "maca")
+
+    def failing(x, out, activation):
+        raise ValueError("planted launch failure")
+
+    monkeypatch.setattr(vendor, "act_and_mul", failing)
+    with pytest.raises(RuntimeError, match=r"silu_and_mul: MetaX's vendor kernel failed on inputs \[\(2, 8\) "
+                                           r"float16 on cpu\]: ValueError: planted launch failure"):
+        silu_and_mul(torch.randn(2, 8).half())
