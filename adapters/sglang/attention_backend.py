@@ -30,7 +30,7 @@ graph capture the decode metadata lives in static buffers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -106,6 +106,8 @@ class MacaForwardMetadata:
     max_seqlen_q / max_kv_seqlen       host ints (no device sync in the kernels)
     token_rows / token_kv_seqlens  MLA extend only: request of each new token, and
                                    how many latents that token sees
+    plans        the ops' per-batch plans (paged decode, MLA decode) and what they read,
+                 made by the first layer that needs each and reused by the others
     """
 
     block_table: torch.Tensor
@@ -116,6 +118,14 @@ class MacaForwardMetadata:
     has_prefix: bool = False
     token_rows: Optional[torch.Tensor] = None
     token_kv_seqlens: Optional[torch.Tensor] = None
+    plans: dict = field(default_factory=dict, repr=False)
+
+    def plan(self, key, make):
+        """The batch's plan under ``key``, made by ``make()`` the first time (once per forward)."""
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = make()
+        return plan
 
 
 def build_block_table(
@@ -389,10 +399,15 @@ class MacaAttnBackend(_MacaBackendBase, _base_class()):
         if prepared is None:
             return q.new_empty((0, layer.tp_q_head_num * layer.v_head_dim))
         md, q3, k_cache, v_cache = prepared
+        # one plan per forward batch (and head geometry): its checks, split count and scratch serve every layer
+        plan = md.plan(("decode", q3.shape[1], k_cache.shape[2], q3.shape[2], v_cache.shape[3], q3.dtype),
+                       lambda: _ops_attention().plan_paged_decode(
+                           md.block_table, md.kv_seqlens, num_q_heads=q3.shape[1], num_kv_heads=k_cache.shape[2],
+                           head_dim=q3.shape[2], head_dim_v=v_cache.shape[3], block_size=k_cache.shape[1],
+                           dtype=q3.dtype, num_kv_splits=self.decode_kv_splits))
         out = ops.paged_decode_attention(
-            q3, k_cache, v_cache, md.block_table, md.kv_seqlens,
+            q3, k_cache, v_cache, plan=plan,
             scale=layer.scaling, sliding_window=_window_for_ops(layer), logit_softcap=_softcap_for_ops(layer),
-            num_kv_splits=self.decode_kv_splits,
         )
         return out.to(q.dtype).reshape(bs, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -440,14 +455,18 @@ class MacaMLAAttnBackend(_MacaBackendBase, _base_class()):
         if self.page_size >= 8:
             return latent, block_table
         flat = latent.view(-1, latent.shape[-1])
-        blocks_per_row = max(1, -(-max_kv_seqlen // _GATHER_BLOCK))
-        width = blocks_per_row * _GATHER_BLOCK
-        slots = block_table[:, :width].long()
-        if slots.shape[1] < width:  # columns past the request are never read: point them at slot 0
-            slots = torch.nn.functional.pad(slots, (0, width - slots.shape[1]))
-        gathered = flat[slots].view(-1, _GATHER_BLOCK, flat.shape[-1])
-        table = torch.arange(gathered.shape[0], dtype=torch.int32, device=flat.device).view(-1, blocks_per_row)
-        return gathered, table
+
+        def gather_indices():  # the same for every layer of the batch
+            blocks_per_row = max(1, -(-max_kv_seqlen // _GATHER_BLOCK))
+            width = blocks_per_row * _GATHER_BLOCK
+            slots = block_table[:, :width].long()
+            if slots.shape[1] < width:  # columns past the request are never read: point them at slot 0
+                slots = torch.nn.functional.pad(slots, (0, width - slots.shape[1]))
+            rows = block_table.shape[0] * blocks_per_row
+            return slots, torch.arange(rows, dtype=torch.int32, device=flat.device).view(-1, blocks_per_row)
+
+        slots, table = self.forward_metadata.plan(("gather", block_table.shape[0], max_kv_seqlen), gather_indices)
+        return flat[slots].view(-1, _GATHER_BLOCK, flat.shape[-1]), table
 
     def _is_absorbed(self, layer) -> bool:
         return layer.tp_k_head_num == 1 and layer.v_head_dim == self.kv_lora_rank and (
@@ -494,12 +513,17 @@ class MacaMLAAttnBackend(_MacaBackendBase, _base_class()):
             self._store_latent(layer, forward_batch, k, k_rope)
         md = self.forward_metadata
         latent, block_table = self._paged_latents(layer, md.block_table, md.max_kv_seqlen)
-        if token_rows is not None:
-            block_table = block_table[token_rows]
         q_nope, q_pe = self._split_q(q, q_rope, layer, rows)
+        # one plan per forward batch: block table rows, length checks, split count and scratch serve every layer
+        plan = md.plan(("mla", token_rows is not None, q_nope.shape[1], latent.dtype),
+                       lambda: _ops_mla().plan_mla_decode(
+                           block_table[token_rows] if token_rows is not None else block_table, kv_seqlens,
+                           num_heads=q_nope.shape[1], kv_lora_rank=self.kv_lora_rank,
+                           rope_dim=self.qk_rope_head_dim, block_size=latent.shape[1], dtype=latent.dtype,
+                           num_kv_splits=self.decode_kv_splits))
         out = ops.mla_decode(
             q_nope.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous(), latent,
-            block_table, kv_seqlens, layer.scaling, num_kv_splits=self.decode_kv_splits,
+            scale=layer.scaling, plan=plan,
         )
         return out.to(q.dtype).reshape(rows, layer.tp_q_head_num * self.kv_lora_rank)
 
@@ -536,6 +560,19 @@ class MacaMLAAttnBackend(_MacaBackendBase, _base_class()):
             max_seqlen_q=md.max_seqlen_q, max_seqlen_k=md.max_seqlen_q, scale=layer.scaling, causal=True,
         )
         return out.reshape(num_tokens, layer.tp_q_head_num * layer.v_head_dim)
+
+
+def _ops_attention():
+    # imported when the first batch is planned, not with the backend (the op modules import triton)
+    from maca_infer.common.ops import attention
+
+    return attention
+
+
+def _ops_mla():
+    from maca_infer.common.ops import mla
+
+    return mla
 
 
 def _reject_extra(kwargs: dict) -> None:

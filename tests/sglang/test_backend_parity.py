@@ -356,3 +356,37 @@ def test_mla_non_absorbed_prefill_matches_float64():
     values = [v[s:s + n] for s, n in zip(starts, new_lens)]
     ref = _reference(q, keys, values, prefix_lens, new_lens, layer.scaling, heads)
     torch.testing.assert_close(out.double().view_as(ref), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mla_backend", [False, True], ids=["mha", "mla"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_plans_once_per_forward_batch(monkeypatch, page_size, mla_backend):
+    """Issue #12 (5): the first layer of a forward makes the batch's plan, the next layers reuse it
+    (and get what an unplanned call gives); the next forward batch gets a new plan."""
+    from maca_infer.common.ops import attention, mla
+
+    module, name = (mla, "plan_mla_decode") if mla_backend else (attention, "plan_paged_decode")
+    made = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    prefix_lens, new_lens = DECODE_CASE
+    if mla_backend:
+        case = _mla_setup(page_size, torch.float32, prefix_lens, new_lens, ForwardMode.DECODE, seed=3)
+        backend = MacaMLAAttnBackend(_mla_runner(case.pools[0]))
+        q, k = case.q.reshape(case.q.shape[0], -1), case.new_latent
+        v = k[..., :KV_LORA_RANK]
+    else:
+        case = _mha_setup(page_size, torch.float32, prefix_lens, new_lens, ForwardMode.DECODE, seed=3)
+        backend = MacaAttnBackend(_runner(case.pools[0]))
+        q, k, v = case.q.reshape(case.q.shape[0], -1), case.new_k, case.new_v
+    with get_parallel().override(dcp_enabled=False):
+        outs = []
+        for forward in range(2):
+            backend.init_forward_metadata(case.batches[0])
+            for layer_step in range(3):  # three "layers" (the test pools hold one: the same layer again)
+                outs.append(backend.forward_decode(q, k, v, case.layer, case.batches[0],
+                                                   save_kv_cache=layer_step == 0))
+            assert len(made) == forward + 1  # one plan per forward, not per layer
+    assert made[0] is not made[1]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=0, rtol=0)
