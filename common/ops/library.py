@@ -33,6 +33,7 @@ with the reason (tests/ops/test_library.py checks that the two cover
 implementation: the public op dispatches by device itself).
 """
 
+# no ``from __future__ import annotations``: torch infers each schema from the annotations as objects
 import inspect
 from typing import List, Optional, Tuple
 
@@ -58,7 +59,8 @@ Tensor = torch.Tensor
 
 
 def _custom_op(public: str, name: Optional[str] = None, mutates_args: Tuple[str, ...] = ()):
-    """Declare ``fn`` as the real implementation of ``maca_infer::<name>``; returns a fake-registering decorator."""
+    """Declare an op in two steps: ``@_custom_op(public) def _op(...)`` (the real implementation; its
+    annotations become the schema), then ``@_op def _(...)`` (its fake). ``register()`` defines them."""
 
     def declare(fn):
         def with_fake(fake):
