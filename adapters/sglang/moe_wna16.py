@@ -46,6 +46,14 @@ def unpack_row_pairs(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-2).flatten(-3, -2).contiguous()
 
 
+def check_silu_moe_config(cfg, method: str) -> None:
+    """Our fused MoE ops serve SiLU experts with the router weight applied to the output; refuse anything else."""
+    if cfg.activation != "silu":
+        raise ValueError(f"maca {method}: activation={cfg.activation!r} is not supported; allowed: silu")
+    if getattr(cfg, "apply_router_weight_on_input", False):
+        raise NotImplementedError(f"maca {method}: apply_router_weight_on_input is not supported")
+
+
 def quantization_config_for(name: str):
     """The maca override of SGLang's quantization config class ``name``, or None."""
     if name == "moe_wna16":
@@ -157,10 +165,7 @@ def _moe_method_cls():
 
         def apply(self, layer: torch.nn.Module, dispatch_output):
             cfg = self.moe_runner_config
-            if cfg.activation != "silu":
-                raise ValueError(f"maca moe_wna16: activation={cfg.activation!r} is not supported; allowed: silu")
-            if getattr(cfg, "apply_router_weight_on_input", False):
-                raise NotImplementedError("maca moe_wna16: apply_router_weight_on_input is not supported")
+            check_silu_moe_config(cfg, "moe_wna16")
             x = dispatch_output.hidden_states
             topk_weights, topk_ids = dispatch_output.topk_output[0], dispatch_output.topk_output[1]
             out = ops.fused_moe_w4a16(

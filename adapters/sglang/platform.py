@@ -149,7 +149,7 @@ class MacaSRTPlatform(LegacyPlatformHooks, SRTPlatform):
 
     _enum = PlatformEnum.OOT
     device_name = "maca"
-    supported_quantization = ["moe_wna16", "awq", "gptq"]
+    supported_quantization = ["moe_wna16", "awq", "gptq", "w8a8_int8", "compressed-tensors"]
     # which of the two classes this is (for code outside the class, e.g. logs);
     # behaviour that differs lives in the subclass, never behind this flag
     emulated = False
@@ -238,10 +238,11 @@ class MacaSRTPlatform(LegacyPlatformHooks, SRTPlatform):
         return None
 
     def get_quantization_config(self, quantization: str):
-        # moe_wna16: SGLang's loader, our W4A16 fused MoE / linear (moe_wna16.py)
-        from maca_infer.adapters.sglang.moe_wna16 import quantization_config_for
+        # moe_wna16: SGLang's loader, our W4A16 fused MoE / linear (moe_wna16.py);
+        # w8a8_int8 / compressed-tensors INT8 W8A8: our per-token quant, int8 GEMM, fused MoE (w8a8_int8.py)
+        from maca_infer.adapters.sglang import moe_wna16, w8a8_int8
 
-        return quantization_config_for(quantization)
+        return moe_wna16.quantization_config_for(quantization) or w8a8_int8.quantization_config_for(quantization)
 
     def get_compile_backend(self, mode: str | None = None) -> str:
         return "inductor"

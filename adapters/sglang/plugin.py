@@ -15,8 +15,9 @@ it registers, through SGLang's own extension points only:
 - the ledgered runtime fixes declared in patching.py (records of the one patch
   helper, common/patching.py; hooks through SGLang's HookRegistry).
 
-``--quantization moe_wna16`` needs nothing here: the platform answers
-``get_quantization_config`` with moe_wna16.py's config.
+``--quantization moe_wna16`` and ``w8a8_int8`` / compressed-tensors need
+nothing here: the platform answers ``get_quantization_config`` with
+moe_wna16.py's and w8a8_int8.py's configs.
 """
 
 from __future__ import annotations
