@@ -90,6 +90,48 @@ def _write_out(result: torch.Tensor, attn_output: Optional[torch.Tensor]) -> tor
     return attn_output
 
 
+# --------------------------------------------------------------------------- per-step attention plans
+
+# LMDeploy builds its attention metadata once per engine step (maca_update_step_context,
+# or the graph runner's fill_buffers_maca) and passes the same block table and length
+# tensors to every layer. The first layer's paged_decode_attention / mla_decode makes the
+# ops' plan (validation, int32 device copies of the tables, split count, scratch) and the
+# other layers reuse it; new_step() (called where the step's metadata is built) drops them.
+# A plan is found by the identity of its source tensors, which the entry keeps alive, and
+# by their version counters where they have one.
+_step_plans: dict = {}
+_MAX_STEP_PLANS = 16  # a caller that never calls new_step() cannot grow the table past this
+
+
+def new_step() -> None:
+    """An engine step's metadata was (re)built: the previous step's attention plans are stale."""
+    _step_plans.clear()
+
+
+def _step_plan(key: tuple, sources: tuple, make):
+    full_key = key + tuple((id(t), _tensor_version(t)) for t in sources)
+    entry = _step_plans.get(full_key)
+    if entry is not None and all(a is b for a, b in zip(entry[0], sources)):
+        return entry[1]
+    if len(_step_plans) >= _MAX_STEP_PLANS:
+        _step_plans.clear()
+    plan = make()
+    _step_plans[full_key] = (sources, plan)
+    return plan
+
+
+def mops_attention():
+    from maca_infer.common.ops import attention
+
+    return attention
+
+
+def mops_mla():
+    from maca_infer.common.ops import mla
+
+    return mla
+
+
 # --------------------------------------------------------------------------- norms
 
 
@@ -351,8 +393,7 @@ def paged_decode_attention(
             "has that many slots per block in dim 1; expected [num_blocks, block_size, kv_heads, head_dim]"
         )
     device = query.device
-    kv_lens = _as_device_int32(kv_seq_len.reshape(-1), device)
-    batch = kv_lens.shape[0]
+    batch = kv_seq_len.numel()
     q = query.reshape(-1, num_q_heads, query.shape[-1])
     num_tokens = q.shape[0]
     # an empty batch (0 sequences, 0 tokens) is valid: one token each, of none
@@ -364,10 +405,17 @@ def paged_decode_attention(
     q_len = num_tokens // batch if batch else 1
     if q_len > 1:
         q = q.view(batch, q_len, num_q_heads, q.shape[-1])
-    result = mops.paged_decode_attention(
-        q, key_cache, value_cache, _as_device_int32(block_table, device), kv_lens,
-        scale=softmax_scale, alibi_slopes=alibi_slopes,
-    )
+    # every layer of a step passes the same block table and lengths: one plan (and one
+    # int32 device copy of each) serves them all
+    plan = _step_plan(
+        ("decode", q_len, num_q_heads, key_cache.shape[2], q.shape[-1], value_cache.shape[-1], block_size, q.dtype,
+         device), (block_table, kv_seq_len),
+        lambda: mops_attention().plan_paged_decode(
+            _as_device_int32(block_table, device), _as_device_int32(kv_seq_len.reshape(-1), device),
+            num_q_heads=num_q_heads, num_kv_heads=key_cache.shape[2], head_dim=q.shape[-1],
+            head_dim_v=value_cache.shape[-1], block_size=block_size, dtype=q.dtype, query_len=q_len))
+    result = mops.paged_decode_attention(q, key_cache, value_cache, scale=softmax_scale, alibi_slopes=alibi_slopes,
+                                         plan=plan)
     # explicit head_dim_v: reshape(0, Hq, -1) cannot infer -1 for an empty batch
     return _write_out(result.reshape(num_tokens, num_q_heads, result.shape[-1]), attn_output)
 
@@ -566,9 +614,15 @@ def fill_mla_cache(kv_c, k_pe, latent_cache, slot_mapping):
 
 
 def mla_decode(q_nope, q_rope, latent_cache, block_table, kv_seqlens, scale: float, *, attn_output=None):
-    """Absorbed MLA decode -> [B, H, kv_lora_rank] (see common.ops.mla_decode)."""
-    result = mops.mla_decode(q_nope, q_rope, latent_cache, _as_device_int32(block_table, q_nope.device),
-                             _as_device_int32(kv_seqlens.reshape(-1), q_nope.device), float(scale))
+    """Absorbed MLA decode -> [B, H, kv_lora_rank] (see common.ops.mla_decode); one plan per step."""
+    device, cache_shape = q_nope.device, latent_cache.shape
+    plan = _step_plan(
+        ("mla", q_nope.shape[1:], q_rope.shape[-1], cache_shape[1], q_nope.dtype, device), (block_table, kv_seqlens),
+        lambda: mops_mla().plan_mla_decode(
+            _as_device_int32(block_table, device), _as_device_int32(kv_seqlens.reshape(-1), device),
+            num_heads=q_nope.shape[1], kv_lora_rank=q_nope.shape[-1], rope_dim=q_rope.shape[-1],
+            block_size=cache_shape[1], dtype=q_nope.dtype))
+    result = mops.mla_decode(q_nope, q_rope, latent_cache, scale=float(scale), plan=plan)
     return _write_out(result, attn_output)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from maca_infer.adapters.lmdeploy import patching
+from maca_infer.adapters.lmdeploy import dlinfer_ops, patching
 from maca_infer.adapters.lmdeploy.patching import is_patched
 from maca_infer.common.log import get_logger, log_once
 
@@ -62,6 +62,7 @@ def flat_slots(block_offsets: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens:
 
 def maca_update_step_context(cls, step_context):
     """Build ``DlinferAttentionMetadata`` for one engine step (see module doc, fix 1)."""
+    dlinfer_ops.new_step()  # the layers' attention plans are made again from this step's tables
     key_cache = step_context.kv_caches[0][0]
     block_size = int(key_cache.shape[1])  # caches are [num_blocks, block_size, kv_heads, head_dim]
 
@@ -128,6 +129,7 @@ def fill_buffers_maca(graph_meta, input_ids, position_ids, past_key_values, attn
                       **kwargs) -> dict[str, Any]:
     """Copy this step's inputs into the graph's buffers; padded sequences get no keys
     (kv_seqlens 0, slot -1: nothing is written to the cache for them)."""
+    dlinfer_ops.new_step()  # same buffers, new contents: plans are made again
     buffers = graph_meta.input_buffers
     batch, num_blocks = attn_metadata.block_offsets.shape
     num_tokens = input_ids.size(-1)

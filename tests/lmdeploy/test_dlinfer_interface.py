@@ -340,3 +340,45 @@ def test_weight_quant_matmul_awq(kernels, group_size):
     _close(out, x.double() @ w, torch.float16)
     # a second call reuses the converted weight and still gives the same result
     torch.testing.assert_close(kernels.awq_linear(x, qweight, scales, qzeros, None, False, group_size), out)
+
+
+def test_paged_decode_plans_once_per_step(dlinfer_ours, monkeypatch):
+    """Issue #12 (5): LMDeploy hands every layer of a step the same block table and length tensors;
+    the first layer makes the ops' plan, the others reuse it (results as an unplanned call);
+    a new step (new_step(), called where LMDeploy's step metadata is built), new tensors or an
+    in-place update of the lengths make a new one."""
+    from maca_infer.adapters.lmdeploy import dlinfer_ops
+    from maca_infer.common.ops import attention
+
+    made = []
+    original = attention.plan_paged_decode
+    monkeypatch.setattr(attention, "plan_paged_decode", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    torch.manual_seed(4)
+    dtype, block_size, hq, hk, head_dim = torch.float32, 16, 4, 2, 32
+    table = torch.tensor([[6, 0, 0], [2, 7, 4]], dtype=torch.int32)
+    kv_lens = torch.tensor([5, 37], dtype=torch.int32)
+    ends = torch.tensor([1, 2], dtype=torch.int32)
+    layers = [(torch.randn(2, hq, head_dim, dtype=dtype), torch.randn(8, block_size, hk, head_dim, dtype=dtype),
+               torch.randn(8, block_size, hk, head_dim, dtype=dtype)) for _ in range(3)]
+
+    def step():
+        return [dlinfer_ours.paged_decode_attention(q, k, v, table, block_size, ends, kv_lens, 37, hq, hk, 0, 0.2)
+                for q, k, v in layers]
+
+    dlinfer_ops.new_step()
+    outs = step()
+    assert len(made) == 1
+    for (q, k, v), out in zip(layers, outs):
+        want = attention.paged_decode_attention(q, k, v, table, kv_lens, scale=0.2)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+    step()
+    assert len(made) == 1  # same tensors, same step
+    dlinfer_ops.new_step()
+    step()
+    assert len(made) == 2
+    kv_lens[0] = 6  # in place: the version counter moves
+    assert torch.equal(step()[0], attention.paged_decode_attention(*layers[0], table, kv_lens, scale=0.2))
+    assert len(made) == 3
+    kv_lens = kv_lens.clone()  # another tensor
+    step()
+    assert len(made) == 4
