@@ -542,7 +542,7 @@ def fill_mla_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, latent_cache: torch.T
     _checks.check_same_device(op, kv_c=kv_c, k_pe=k_pe, latent_cache=cache, slot_mapping=slot_mapping)
     check_slots_in_range(op, slot_mapping, cache.shape[0] * cache.shape[1])
     _dispatch.dispatch(op, _fill_mla_cache_triton, _fill_mla_cache_reference, (kv_c, k_pe, cache, slot_mapping),
-                       kv_c, k_pe, cache, slot_mapping, empty=num_tokens == 0)
+                       kv_c, k_pe, cache, slot_mapping, vendor_fn=vendor.fill_mla_cache, empty=num_tokens == 0)
 
 
 def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
@@ -771,5 +771,6 @@ def mla_prefill(q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.
     _dispatch.dispatch(op, _mla_prefill_triton, _mla_prefill_reference,
                        (q, cache, block_table, kv_seqlens, kv_b_proj_weight),
                        q, cache, block_table, cu_seqlens_q, kv_seqlens, kv_b_proj_weight, qk_nope_head_dim,
-                       v_head_dim, float(scale), bool(causal), max_seqlen_q, out, empty=total_q == 0)
+                       v_head_dim, float(scale), bool(causal), max_seqlen_q, out, vendor_fn=vendor.mla_prefill,
+                       empty=total_q == 0)
     return out

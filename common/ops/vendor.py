@@ -138,11 +138,14 @@ def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
     return (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1)
 
 
-def _check_attention(q, head_dim_v, causal, logit_softcap, alibi_slopes) -> None:
+def _check_attention(q, head_dim_v, causal, logit_softcap, alibi_slopes, pad_v=False) -> None:
+    """``pad_v``: a narrower value head dim is served by zero-padding v (packed K/V only, as dlinfer's
+    maca vendor does for DeepSeek's 192/128 prefill); a paged cache cannot be padded per call."""
     _need_half("flash_attn", q)
     head_dim = q.shape[-1]
     _need(head_dim <= FLASH_ATTN_MAX_HEAD_DIM, f"flash_attn takes head dims up to 256, got {head_dim}")
-    _need(head_dim_v == head_dim, f"flash_attn needs the value head dim to equal the key's ({head_dim_v} != {head_dim})")
+    _need(head_dim_v == head_dim or (pad_v and head_dim_v < head_dim),
+          f"flash_attn needs the value head dim to equal the key's ({head_dim_v} != {head_dim})")
     if alibi_slopes is not None:
         # flash-attn's bias is -slope * |p_i - j|; ours is slope * (j - p_i): equal only where j <= p_i
         _need(causal, "flash_attn's ALiBi bias is symmetric (-slope * |p - j|); non-causal ALiBi differs from ours")
@@ -164,7 +167,7 @@ def prefill(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q, scale, c
     ``flash_attn_varlen_func`` (its ``block_table`` argument for the paged one). The longest
     sequences are the caller's when given; otherwise one host read each (paged keys: the
     block table's capacity, an upper bound flash-attn accepts)."""
-    _check_attention(q, v.shape[-1], causal, logit_softcap, alibi_slopes)
+    _check_attention(q, v.shape[-1], causal, logit_softcap, alibi_slopes, pad_v=not paged)
     if paged:
         _need_page_size(k.shape[1])
         _need(k.stride(-1) == 1 and v.stride(-1) == 1, "flash_attn needs caches with a contiguous last dim")
@@ -182,12 +185,15 @@ def prefill(q, k, v, cu_seqlens_q, kv_index, block_table, max_seqlen_q, scale, c
         table = None
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
+    head_dim_v = v.shape[-1]
+    if head_dim_v < q.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, q.shape[-1] - head_dim_v))
     result = fa.flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
         dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=_window(sliding_window, causal),
         softcap=logit_softcap or 0.0, alibi_slopes=alibi_slopes, block_table=table,
     )
-    out.copy_(result)
+    out.copy_(result[..., :head_dim_v])
     return out
 
 
@@ -254,6 +260,21 @@ def mla_decode(q_nope, q_rope, cache, block_table, kv_seqlens, scale, num_kv_spl
         lse.copy_(_lse_of_empty_rows(l[:, :, 0]))
 
 
+def mla_prefill(q, cache, block_table, cu_seqlens_q, kv_seqlens, kv_b_proj_weight, qk_nope_head_dim, v_head_dim,
+                *rest):
+    """mla_prefill (non-absorbed): the latents expanded through ``kv_b_proj`` (one GEMM, the vendor
+    BLAS), then ``varlen_attention``, whose own dispatch takes flash_attn (v zero-padded to the
+    qk head dim) -- the composition the Triton tier uses, with flash_attn as its attention."""
+    from maca_infer.common.ops import mla
+
+    _need_half("flash_attn", q)
+    _need(q.shape[-1] <= FLASH_ATTN_MAX_HEAD_DIM and v_head_dim <= q.shape[-1],
+          f"flash_attn takes a qk head dim up to 256 and a value head dim not above it, "
+          f"got {q.shape[-1]} / {v_head_dim}")
+    return mla._mla_prefill_triton(q, cache, block_table, cu_seqlens_q, kv_seqlens, kv_b_proj_weight,
+                                   qk_nope_head_dim, v_head_dim, *rest)
+
+
 # ==========================================================================
 # KV-cache fill, norms, activation, rotary, MoE routing (mcoplib)
 # ==========================================================================
@@ -269,6 +290,19 @@ def fill_kv_cache(key, value, key_cache, value_cache, slot_mapping):
     op = _torch_op("_C_cache_ops", "reshape_and_cache_flash", "mcoplib._C")
     one = torch.ones((), dtype=torch.float32, device=key.device)
     op(key, value, key_cache, value_cache, slot_mapping.to(torch.int64), "auto", one, one)
+
+
+def fill_mla_cache(kv_c, k_pe, latent_cache, slot_mapping):
+    """fill_mla_cache through ``reshape_and_cache_flash``: the row [kv_c | k_pe] is one KV head of
+    the latent cache viewed ``[num_blocks, block_size, 1, L + R]``, written as key and as value
+    (the same cache twice: the kernel takes two caches, MLA has one)."""
+    _need(latent_cache[0].is_contiguous(), "reshape_and_cache_flash needs each block of the latent cache "
+                                           f"contiguous (stride {latent_cache.stride()})")
+    op = _torch_op("_C_cache_ops", "reshape_and_cache_flash", "mcoplib._C")
+    row = torch.cat([kv_c, k_pe], dim=-1).unsqueeze(1)  # [T, 1, L + R]
+    cache = latent_cache.unsqueeze(2)
+    one = torch.ones((), dtype=torch.float32, device=kv_c.device)
+    op(row, row, cache, cache, slot_mapping.to(torch.int64), "auto", one, one)
 
 
 def rms_norm(x, residual, weight, eps, gemma, out):

@@ -33,6 +33,7 @@ from tests.ops.test_attention import (
     _paged_cache,
     _sequences,
 )
+from tests.ops import test_mla as mla_tests
 from tests.ops.test_mla import PagedLatents, decode_float64
 
 HALF = [torch.float16, torch.bfloat16]
@@ -151,10 +152,11 @@ def _decode_call(dtype=torch.float16, head_dim=64, head_dim_v=64, block_size=16,
     return lambda: attn.paged_decode_attention(q, key_cache, value_cache, block_table, kv_seqlens, **options)
 
 
-def _varlen_call(causal, **options):
+def _varlen_call(causal, head_dim_v=32, **options):
     q = torch.randn(6, 2, 32, dtype=torch.float16)
     k = torch.randn(6, 2, 32, dtype=torch.float16)
-    return lambda: attn.varlen_attention(q, k, k, _cu([6]), _cu([6]), causal=causal, **options)
+    v = torch.randn(6, 2, head_dim_v, dtype=torch.float16)
+    return lambda: attn.varlen_attention(q, k, v, _cu([6]), _cu([6]), causal=causal, **options)
 
 
 def _mla_call(kv_lora_rank=512, block_size=64, dtype=torch.bfloat16):
@@ -166,6 +168,7 @@ def _mla_call(kv_lora_rank=512, block_size=64, dtype=torch.bfloat16):
 @pytest.mark.parametrize("make, reason", [
     (lambda: _decode_call(dtype=torch.float32), "flash_attn takes float16/bfloat16, not float32"),
     (lambda: _decode_call(head_dim_v=32), "value head dim to equal the key's (32 != 64)"),
+    (lambda: _varlen_call(True, head_dim_v=48), "value head dim to equal the key's (48 != 32)"),
     (lambda: _decode_call(block_size=8), "block_size 8"),
     (lambda: _varlen_call(False, alibi_slopes=torch.ones(2)), "non-causal ALiBi"),
     (lambda: _decode_call(logit_softcap=2.0, alibi_slopes=torch.ones(4)), "softcap and ALiBi"),
@@ -230,3 +233,34 @@ def test_varlen_hands_the_callers_longest_lengths_to_flash_attn(vendor_fakes, cl
     close(got[3:], expected, torch.float16, "sequence 1")
     with pytest.raises(RuntimeError, match="max_seqlen_q/k below a sequence's length"):
         attn.varlen_attention(*args, max_seqlen_q=9, max_seqlen_k=4)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_varlen_with_a_narrower_value_head(vendor_fakes, close, dtype):
+    """DeepSeek's prefill shape (qk 192, v 128) scaled down: v zero-padded to the qk head dim, output cut back."""
+    q_lens, k_lens = [5, 1, 12], [9, 1, 12]
+    keys, values = _sequences(k_lens, 2, 48, 32, dtype, seed=14)
+    q = torch.randn(sum(q_lens), 4, 48, generator=torch.Generator().manual_seed(15)).to(dtype)
+    got = attn.varlen_attention(q, torch.cat(keys), torch.cat(values), _cu(q_lens), _cu(k_lens))
+    assert got.shape == (sum(q_lens), 4, 32) and _dispatch.last_impl("varlen_attention") == "vendor"
+    start = 0
+    for b, q_len in enumerate(q_lens):
+        close(got[start:start + q_len], _expected_f64(q[start:start + q_len], keys[b], values[b])[0], dtype,
+              f"sequence {b}")
+        start += q_len
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("causal", (True, False))
+def test_mla_prefill(vendor_fakes, close, nan_tensor, dtype, causal):
+    """test_mla's non-absorbed prefill (its float64 loop) on the vendor tier: kv_b_proj GEMM, then flash_attn."""
+    mla_tests.test_mla_prefill("vendor", dtype, causal, close, nan_tensor)
+    assert _dispatch.last_impl("varlen_attention") == "vendor" and _calls("flash_attn")[-1] == "flash_attn_varlen_func"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("block_size", (16, 64))
+def test_fill_mla_cache(vendor_fakes, nan_tensor, dtype, block_size):
+    """test_mla's cache fill (strided kv_c / k_pe, padding slots) through reshape_and_cache_flash."""
+    mla_tests.test_fill_mla_cache("vendor", dtype, block_size, nan_tensor)
+    assert sys.modules["mcoplib._C"].calls[-1] == "reshape_and_cache_flash"
