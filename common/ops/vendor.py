@@ -15,6 +15,10 @@ MetaX's builds (/work/shared/MACA_TARGET.md, "The software on a MetaX host"):
   ``silu_and_mul``, ``rotary_embedding``, ``torch.ops._C_cache_ops.
   reshape_and_cache_flash`` and ``torch.ops._moe_C.topk_softmax``.
 
+Covered: varlen / paged prefill / paged decode attention, MLA decode,
+prefill and latent-cache fill, KV-cache fill, RMSNorm and add-RMSNorm,
+SiLU-and-mul, rotary (both forms), MoE top-k softmax.
+
 One function per op. Each takes the same arguments as that op's Triton
 launcher (``_dispatch.dispatch`` passes them), converts maca-infer's layout
 to the vendor call (index dtypes, cache views, the 512 + 64 MLA split,
