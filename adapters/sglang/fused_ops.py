@@ -11,8 +11,8 @@ silently changes.
 Registration is keyed on the exact class: subclasses (YaRN / Llama-3 rotary,
 GemmaRMSNorm) keep their own forwards.
 
-Under ``torch.compile`` (SGLang's ``--enable-torch-compile``) the RMSNorm and
-SiLU-and-mul forwards call the same ops as ``torch.ops.maca_infer.*`` custom
+Under ``torch.compile`` (SGLang's ``--enable-torch-compile``) the RMSNorm,
+SiLU-and-mul and rotary forwards call the same ops as ``torch.ops.maca_infer.*`` custom
 ops (``common/ops/library.py``, registered by ``register_fused_op_forwards``),
 which Dynamo records as graph nodes instead of breaking the graph at our
 Python dispatch; eager calls skip the custom-op layer (its per-call cost).
@@ -77,13 +77,13 @@ def _rotary_forward(self, positions, query, key, offsets=None, fused_set_kv_buff
         self.cos_sin_cache = cache
     # q/k come as [T, H * D] or [T, H, D] (DeepSeek's q_pe / k_pe); the head count comes from the non-token
     # dims, because view(T, -1, D) cannot infer -1 when T == 0 (an idle DP-attention rank)
-    q, k = ops.rotary_embedding(
-        positions,
-        query.view(num_tokens, math.prod(query.shape[1:]) // self.head_size, self.head_size),
-        key.view(num_tokens, math.prod(key.shape[1:]) // self.head_size, self.head_size),
-        cache,
-        style="neox" if self.is_neox_style else "gptj",
-    )
+    args = (positions, query.view(num_tokens, math.prod(query.shape[1:]) // self.head_size, self.head_size),
+            key.view(num_tokens, math.prod(key.shape[1:]) // self.head_size, self.head_size), cache,
+            "neox" if self.is_neox_style else "gptj")
+    if torch.compiler.is_compiling():
+        q, k = torch.ops.maca_infer.rotary_embedding(*args)
+    else:
+        q, k = ops.rotary_embedding(*args[:4], style=args[4])
     return q.reshape(query.shape), k.reshape(key.shape)
 
 

@@ -191,7 +191,7 @@ def test_silu_and_mul_forward_matches_native():
     torch.testing.assert_close(_silu_and_mul_forward(op, x), op.forward_native(x), atol=1e-6, rtol=1e-6)
 
 
-def test_norm_and_mlp_forwards_compile_without_graph_break():
+def test_norm_and_mlp_forwards_compile_without_graph_break(default_server_config):
     """Under torch.compile the RMSNorm / SiLU-and-mul forwards are torch.ops.maca_infer nodes (fullgraph)."""
     from sglang.srt.layers.layernorm import RMSNorm
 
@@ -238,6 +238,31 @@ def test_rotary_forward_matches_native(neox, fresh_resolution, default_server_co
     q = torch.randn(5, 4 * 64)
     k = torch.randn(5, 2 * 64)
     q_ours, k_ours = _rotary_forward(rope, positions, q.clone(), k.clone())
+    q_ref, k_ref = rope.forward_native(positions, q.clone(), k.clone())
+    torch.testing.assert_close(q_ours, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_ours, k_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_forward_compiles_without_graph_break(fresh_resolution, default_server_config):
+    from sglang.srt.layers.rotary_embedding import base
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    from maca_infer.common.ops import library  # noqa: F401 - what register_fused_op_forwards imports
+
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    fresh_resolution.setattr(base, "current_platform", MacaSRTPlatform())
+    rope = RotaryEmbedding(head_size=64, rotary_dim=32, max_position_embeddings=256, base=10000,
+                           is_neox_style=False, dtype=torch.float32)
+    positions, q, k = torch.tensor([0, 5, 17, 200, 3]), torch.randn(5, 4 * 64), torch.randn(5, 2 * 64)
+
+    def rotate(positions, q, k):
+        return _rotary_forward(rope, positions, q, k)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(rotate)(positions, q, k)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert "maca_infer.rotary_embedding" in {str(n.target) for g in explained.graphs for n in g.graph.nodes}
+    q_ours, k_ours = torch.compile(rotate, backend="aot_eager", fullgraph=True)(positions, q, k)
     q_ref, k_ref = rope.forward_native(positions, q.clone(), k.clone())
     torch.testing.assert_close(q_ours, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_ours, k_ref, atol=1e-5, rtol=1e-5)
