@@ -41,6 +41,8 @@ from maca_infer.common import versions
 FEATURES: dict[str, tuple[str, str]] = {
     "capabilities": ("0.5.22", "SRTPlatform.capabilities / get_kv_pool_cls(kind=)"),
     "kv_write_loc_for": ("0.5.22", "KVWriteLoc.for_batch / for_layer"),
+    "emulated_paged_allocator": ("0.5.22", "--page-size > 1 on the emulated maca device (SGLang's paged "
+                                           "allocator falls back to torch without Triton)"),
     "arg_groups": ("0.5.20", "sglang.srt.arg_groups.choices"),
     "fused_op_registry": ("0.5.18", "BaseFusedOp.register_oot_forward"),
     "emulated_dp_attention": ("0.5.19", "--enable-dp-attention on the emulated maca device "
@@ -188,9 +190,6 @@ class LegacyPlatformHooks:
         if page_size == 1:  # torch only
             return TokenToKVPoolAllocator(size, dtype=dtype, device=device, kvcache=kvcache, need_sort=need_sort)
         if not self.capabilities.supports_triton:
-            raise RuntimeError(
-                f"maca-infer: --page-size {page_size} on this maca device needs SGLang >= 0.5.22 (its paged "
-                f"allocator launches Triton kernels in SGLang {sglang_version()}); use --page-size 1"
-            )
+            require("emulated_paged_allocator")  # raises here: its Triton kernels cannot launch
         return PagedTokenToKVPoolAllocator(size, page_size=page_size, dtype=dtype, device=device, kvcache=kvcache,
                                            need_sort=need_sort)

@@ -373,3 +373,51 @@ def test_each_platform_applies_its_own_runtime_fixes(fresh_resolution, cls):
     assert (patching.PARALLEL_STATE_IS_CPU.target in got) is (cls is MacaEmulatedSRTPlatform)
     # a fix of a name this SGLang lacks is left out, on every platform (compat.FIX_SINCE)
     assert (patching.DP_MEMCPY.target in got) is (cls is MacaEmulatedSRTPlatform and fix_applies(patching.DP_MEMCPY.target))
+
+
+# ---------------------------------------------------------------- SGLang releases (compat.py)
+
+
+def test_compat_answers_the_installed_sglang_interface(fresh_resolution):
+    """The platform answers the interface of the installed SGLang: each hook its SRTPlatform
+    declares (capabilities, pool getters, allocator) resolves to a working answer."""
+    from sglang.srt.mem_cache import memory_pool
+    from sglang.srt.platforms.interface import SRTPlatform
+
+    from maca_infer.adapters.sglang import compat
+
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    platform = MacaEmulatedSRTPlatform()
+    assert platform.capabilities.graph_capture is False and platform.capabilities.supports_triton is False
+    if compat.has("capabilities"):
+        assert platform.get_paged_allocator_cls() is None  # SGLang's own, torch-native without Triton
+        assert platform.get_kv_pool_cls(kind="mha") is memory_pool.MHATokenToKVPool
+    else:
+        # the pre-0.5.22 names SGLang calls, from the same answers
+        for name in ("support_cuda_graph", "get_mha_kv_pool_cls", "get_mla_kv_pool_cls", "get_paged_allocator_cls"):
+            assert hasattr(SRTPlatform, name), f"SGLang {compat.sglang_version()} has no {name}"
+        assert platform.support_cuda_graph() is False and platform.support_piecewise_cuda_graph() is False
+        assert platform.get_mha_kv_pool_cls() is memory_pool.MHATokenToKVPool
+        assert platform.get_mla_kv_pool_cls() is memory_pool.MLATokenToKVPool
+        with pytest.raises(NotImplementedError, match="no dsa KV pool"):
+            platform.get_dsa_kv_pool_cls()
+
+
+def test_older_sglang_refuses_what_it_cannot_serve_naming_the_version(fresh_resolution):
+    from maca_infer.adapters.sglang import compat
+
+    if compat.has("emulated_paged_allocator"):
+        pytest.skip(f"SGLang {compat.sglang_version()} serves pages > 1 on the emulated device (refused before "
+                    f"{compat.FEATURES['emulated_paged_allocator'][0]})")
+    fresh_resolution.setenv("MACA_INFER_DEVICE", "emulated")
+    platform = MacaEmulatedSRTPlatform()
+    make = platform.get_paged_allocator_cls()
+    common = dict(dtype=torch.bfloat16, device="cpu", kvcache=None, need_sort=False)
+    with pytest.raises(RuntimeError, match=rf"needs SGLang >= 0\.5\.22; this is SGLang {compat.sglang_version()}"):
+        make(64, page_size=16, **common)
+    assert make(64, page_size=1, **common).available_size() == 64  # one-token pages: torch only
+    if not compat.has("emulated_dp_attention"):
+        args = SimpleNamespace(enable_dp_attention=True, attention_backend="maca", tp_size=2, dp_size=2, pp_size=1)
+        refused = r"--enable-dp-attention on the emulated.*needs SGLang >= 0\.5\.19; this is SGLang"
+        with pytest.raises(RuntimeError, match=refused):
+            platform.apply_server_args_defaults(args)

@@ -23,6 +23,11 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module", params=[("llama", "16"), ("qwen2", "1")], ids=["llama-page16", "qwen2-page1"])
 def model_and_page(request):
+    from maca_infer.adapters.sglang import compat
+
+    if request.param[1] != "1" and not compat.has("emulated_paged_allocator"):
+        pytest.skip(f"SGLang {compat.sglang_version()}: pages > 1 on the emulated device need SGLang >= "
+                    f"{compat.FEATURES['emulated_paged_allocator'][0]} (refusal: test_platform)")
     return request.param
 
 
