@@ -119,7 +119,7 @@ def _kernel_or_reference(op: str, tensors, on_device: bool) -> str:
 
 
 def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensors, *args,
-             vendor_fn: Callable | None = None, empty: bool = False, **kwargs):
+             vendor_fn: Callable | None = None, empty: bool = False, impl: str | None = None, **kwargs):
     """Run ``op`` with the implementation ``select_impl`` picks.
 
     ``tensors`` are the inputs that decide the device; ``args``/``kwargs`` go
@@ -129,8 +129,12 @@ def dispatch(op: str, triton_fn: Callable | None, reference_fn: Callable, tensor
     raises :class:`CannotServe` before launching anything; None: no vendor tier.
     ``empty``: the batch has no tokens; the implementation is chosen (so a
     misconfigured tier still raises) but not run, and None is returned.
+    ``impl``: the tier ``select_impl`` already chose for such tensors (an
+    attention plan chooses once per batch, for all its layers); None: choose
+    now. A Triton kernel that has since failed and fallen back is chosen again.
     """
-    impl = select_impl(op, *tensors, vendor=vendor_fn is not None)
+    if impl is None or (impl == TRITON and op in _broken):
+        impl = select_impl(op, *tensors, vendor=vendor_fn is not None)
     if impl == VENDOR:
         if empty:
             _record(op, VENDOR)

@@ -432,8 +432,9 @@ class DecodePlan:
     Triton tier's split count, grid, tile sizes and split-KV scratch buffers,
     and the reference tier's grouping of sequences with their gather tables and
     masks (one host read of ``kv_seqlens`` per plan instead of per layer).
-    The Triton launch table (``_launch`` family, interpreter branch) is the
-    one in force at that first use.
+    The tier (``MACA_INFER_OPS_IMPL``, see ``_dispatch``), the Triton launch
+    table (``_launch`` family) and the interpreter branch are the ones in
+    force at that first use.
     """
 
     block_table: torch.Tensor
@@ -553,6 +554,14 @@ def _planned_options(op, plan, scale, sliding_window, logit_softcap):
         hit = _check_options(op, None, plan.num_q_heads, plan.head_dim, scale, sliding_window, logit_softcap, None)
         plan._memo[key] = hit
     return hit
+
+
+def _planned_impl(op, plan, *tensors, vendor: bool) -> str:
+    """The tier serving the plan's layers: ``_dispatch.select_impl``'s choice at the first layer."""
+    impl = plan._memo.get("impl")
+    if impl is None:
+        impl = plan._memo["impl"] = _dispatch.select_impl(op, *tensors, vendor=vendor)
+    return impl
 
 
 class _DecodeLaunch:
@@ -1240,7 +1249,8 @@ def paged_decode_attention(
     args = (q4, key_cache, value_cache, plan.block_table, plan.kv_seqlens, scale, sliding_window, logit_softcap,
             alibi_slopes, plan.num_kv_splits, out4, lse3, plan)
     _dispatch.dispatch(op, _decode_triton, _decode_reference, (q, key_cache, value_cache), *args,
-                       vendor_fn=vendor.paged_decode, empty=plan.batch == 0)
+                       vendor_fn=vendor.paged_decode, empty=plan.batch == 0,
+                       impl=_planned_impl(op, plan, q, key_cache, value_cache, vendor=True))
     return (out, lse) if return_lse else out
 
 

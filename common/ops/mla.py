@@ -297,7 +297,8 @@ class MLADecodePlan:
     queries and latent cache match the plan (O(1)) and launches. Derived on
     first use and kept for the other layers: the Triton tier's split count,
     grid and split-KV scratch buffers, and the reference tier's per-sequence
-    row indices (one host read of ``kv_seqlens`` per plan, not per layer).
+    row indices (one host read of ``kv_seqlens`` per plan, not per layer),
+    and the tier (``_dispatch.select_impl``'s choice at the first layer).
     """
 
     block_table: torch.Tensor
@@ -382,6 +383,14 @@ def _check_against_plan(op, plan, q_nope, q_rope, latent_cache) -> torch.Tensor:
     if cache.stride(-1) != 1:
         raise ValueError(f"{op}: latent_cache's last dimension must be contiguous (stride {cache.stride()})")
     return cache
+
+
+def _planned_impl(op, plan, *tensors, vendor: bool) -> str:
+    """The tier serving the plan's layers: ``_dispatch.select_impl``'s choice at the first layer."""
+    impl = plan._memo.get("impl")
+    if impl is None:
+        impl = plan._memo["impl"] = _dispatch.select_impl(op, *tensors, vendor=vendor)
+    return impl
 
 
 class _MLALaunch:
@@ -632,7 +641,9 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
     _dispatch.dispatch(op, _mla_decode_triton, _mla_decode_reference,
                        (q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens),
                        q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens, float(scale), plan.num_kv_splits,
-                       out, lse, plan, vendor_fn=vendor.mla_decode, empty=plan.batch == 0)
+                       out, lse, plan, vendor_fn=vendor.mla_decode, empty=plan.batch == 0,
+                       impl=_planned_impl(op, plan, q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens,
+                                          vendor=True))
     return (out, lse) if return_lse else out
 
 

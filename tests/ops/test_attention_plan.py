@@ -185,3 +185,17 @@ def test_planned_mla_decode_rejects_inputs_the_plan_was_not_made_for(ops_impl):
     with pytest.raises(ValueError, match="kv_lora_rank=0 is not supported"):
         mla.plan_mla_decode(table, lens, num_heads=4, kv_lora_rank=0, rope_dim=16, block_size=16,
                             dtype=torch.float32)
+
+
+def test_plan_chooses_the_tier_once(ops_impl, monkeypatch):
+    """The tier is chosen at the plan's first layer (MACA_INFER_OPS_IMPL read once per batch)."""
+    from maca_infer.common.ops import _dispatch
+
+    plan, q, key_cache, value_cache = _plan_for([5, 9])
+    chosen = []
+    original = _dispatch.select_impl
+    monkeypatch.setattr(_dispatch, "select_impl", lambda *a, **k: chosen.append(a[0]) or original(*a, **k))
+    for _ in range(3):
+        attn.paged_decode_attention(q, key_cache, value_cache, plan=plan)
+    assert chosen == ["paged_decode_attention"]
+    assert _dispatch.last_impl("paged_decode_attention") == ops_impl
