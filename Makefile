@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # ~1000x slower; passive waiting costs nothing on a real device.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast mutants bench device-check clean
+.PHONY: install demo test test-vendor test-fast mutants bench device-check clean
 
 install: $(STAMP)
 
@@ -25,9 +25,18 @@ $(STAMP): pyproject.toml requirements/frameworks.txt requirements/no-deps.txt re
 demo: install
 	$(PY) -m maca_infer.demo
 
-# Everything, the slow end-to-end tests included (what CI runs).
+# Everything, the slow end-to-end tests included (what CI runs): the main lane,
+# then the vendor lane.
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-vendor
+
+# The vendor lane (tools/lane.py): MetaX's versions (torch 2.10.0, triton 3.6.0,
+# transformers 4.46.3, diffusers 0.31.0; LMDeploy on transformers 4.56.0) in
+# .venv-maca, frameworks installed by `maca-infer setup`. LANE_ARGS="-x" go to pytest.
+LANE_ARGS ?=
+test-vendor:
+	$(PYTHON) tools/lane.py vendor -- $(LANE_ARGS)
 
 # Without the end-to-end servers: the quick loop while developing.
 test-fast: install

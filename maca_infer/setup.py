@@ -57,11 +57,12 @@ FRAMEWORKS: dict[str, dict[str, str]] = {
 # installs the same for the test environment (tests/tools/test_setup.py keeps them in step).
 _TRANSFORMERS = f"transformers{versions.SUPPORTED['transformers'][0]}"
 DEPS: dict[str, tuple[str, ...]] = {
+    # transformers: lmdeploy 0.18 declares >=4.56.0; prometheus-client: its engine builds a metrics
+    # logger (pipeline and api_server alike)
     "lmdeploy": (
-        "transformers>=4.56,<6",  # lmdeploy 0.18 declares transformers>=4.56.0
-        "accelerate", "cloudpickle", "einops", "fastapi", "fire", "mmengine-lite", "openai",
-        "openai_harmony", "partial_json_parser", "pillow", "protobuf", "pybase64", "pydantic", "pyzmq",
-        "safetensors", "sentencepiece", "shortuuid", "tiktoken", "uvicorn", "xgrammar==0.2.7",
+        "transformers>=4.56,<6", "accelerate", "cloudpickle", "einops", "fastapi", "fire", "mmengine-lite", "openai",
+        "openai_harmony", "partial_json_parser", "pillow", "prometheus-client", "protobuf", "pybase64", "pydantic",
+        "pyzmq", "safetensors", "sentencepiece", "shortuuid", "tiktoken", "uvicorn", "xgrammar==0.2.7",
     ),
     "sglang": (
         _TRANSFORMERS, "tokenizers", "aiohttp", "blobfile", "compressed_tensors", "datasets", "dill", "einops",
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     kept = [f"{n} {v}" for n, v in plan.protected.items() if v]
     kept += [r for r in (Requirement(x).name for x in plan.pins + plan.deps)
              if canonicalize_name(r) not in changed and canonicalize_name(r) in after]
-    print("left alone: " + ", ".join(kept))
+    print("left alone: " + ", ".join(dict.fromkeys(kept)))  # hf's pins are in both pip lines
     broken = [n for n in PROTECTED if before.get(canonicalize_name(n)) != after.get(canonicalize_name(n))]
     if broken:
         print(f"maca-infer setup: protected packages changed: {', '.join(broken)}; this is a bug", file=sys.stderr)

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # pyproject.toml's [tool.setuptools] package-dir (tests/tools/test_mutants.py keeps them in step)
 PACKAGE_DIRS = {"common": "common", "adapters": "adapters", "bench": "bench", "patches": "patches"}
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", "build")
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv*", "__pycache__", ".pytest_cache", "*.egg-info", "build")
 RUN_TIMEOUT_S = 900  # a mutant that hangs its selection this long counts as killed
 
 # test selections (pytest arguments, always run with -x -m "not slow")
