@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # ~1000x slower; passive waiting costs nothing on a real device.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-vendor test-fast mutants bench device-check clean
+.PHONY: install demo test test-vendor test-sglang-low test-fast mutants bench device-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ test: install
 LANE_ARGS ?=
 test-vendor:
 	$(PYTHON) tools/lane.py vendor -- $(LANE_ARGS)
+
+# The SGLang low-end lane (tools/lane.py): SGLang 0.5.17, the floor of its range, on
+# torch 2.11.0 in .venv-sglang-low; the platform, backend parity, one server. Not in
+# `make test` (about 4 minutes to build the venv once, then about 2 a run).
+test-sglang-low:
+	$(PYTHON) tools/lane.py sglang-low -- $(LANE_ARGS)
 
 # Without the end-to-end servers: the quick loop while developing.
 test-fast: install

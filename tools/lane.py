@@ -3,6 +3,7 @@
     python3 tools/lane.py vendor          # what `make test-vendor` runs (and `make test` after the main lane)
     python3 tools/lane.py vendor --list   # the steps, nothing run
     python3 tools/lane.py vendor --stage 2 -- -x   # one stage; pytest arguments after --
+    python3 tools/lane.py sglang-low      # make test-sglang-low: SGLang's floor (not in make test)
 
 A lane is a declaration (LANES below): its venv, what stands in for the host's
 vendor stack (installed with plain pip, like MetaX's wheels on a real host), and
@@ -62,6 +63,23 @@ LANES: dict[str, Lane] = {
                           "tests/lmdeploy/test_server_e2e.py::test_server_reports_emulated_device",
                           "tests/lmdeploy/test_server_e2e.py::test_generate_ids_match_hf",
                           "tests/lmdeploy/test_server_e2e.py::test_completions_stream_and_not")),
+        ),
+    ),
+    # The floor of SGLang's range (common/versions.py), 0.5.17: the last release pinning torch 2.11.0
+    # (0.5.18-0.5.21 pin 2.13.0, 0.5.22 on 2.14.1), so a host on torch 2.11 has one to use; torchvision
+    # 0.26.0 and triton 3.6.0 are what torch 2.11 goes with, transformers 5.12.1 is 0.5.17's pin. What
+    # differs between releases (adapters/sglang/compat.py): the platform and its hooks, backend parity
+    # with SGLang's torch-native backend, one server against HF greedy. `make test-sglang-low`; not
+    # in `make test`.
+    "sglang-low": Lane(
+        venv=".venv-sglang-low",
+        host=("torch==2.11.0", "torchvision==0.26.0", "triton==3.6.0", "numpy<2.3"),
+        stages=(
+            Stage(setup=("sglang==0.5.17", "transformers==5.12.1"),
+                  pytest=("tests/sglang/test_platform.py",
+                          "tests/sglang/test_backend_parity.py",
+                          "tests/sglang/test_server_llama.py::test_platform_and_backend_are_ours",
+                          "tests/sglang/test_server_llama.py::test_generate_batch_matches_hf_greedy")),
         ),
     ),
 }
