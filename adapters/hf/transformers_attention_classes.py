@@ -125,22 +125,25 @@ def _make_sdpa(stock):
                                      scale=None, enable_gqa=False):
         stack = getattr(_scope, "stack", None)
         if not stack or getattr(_scope, "busy", False):
-            return stock(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=enable_gqa)
+            return stock(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa)
         module = stack[-1]
         was_eager = module.__dict__.get("_maca_was_eager", False)
         config = getattr(module, "config", None)
         softcap = getattr(config, "attn_logit_softcapping", None) if was_eager else None
-        reason = None
-        if dropout_p:
-            reason = f"dropout_p={dropout_p}"
-        elif query.shape[1] != key.shape[1] and not enable_gqa:
-            reason = "different query and key head counts without enable_gqa"
+
         def _stock(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+            """What the module computed before enable(): torch's SDPA, or the eager attention."""
             if was_eager:
                 return _eager(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap)
             return stock(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
 
+        reason = None
+        if dropout_p:
+            reason = f"dropout_p={dropout_p}"
+        elif query.shape[1] != key.shape[1] and not enable_gqa:
+            reason = "different query and key head counts without enable_gqa"
         if reason is None:
             window = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
             _scope.busy = True

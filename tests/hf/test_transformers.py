@@ -63,6 +63,9 @@ def test_enable_matches_stock_and_round_trips(kind, load_llm, make_batch, op_cal
     ours = _logits(model, ids, mask)
     real = mask.bool()
     torch.testing.assert_close(ours[real], stock_logits[real], atol=LOGITS_ATOL, rtol=1e-4)
+    # the padding positions too: no key at all (5.x: zeros, as SDPA gives) or only blocked ones (4.46:
+    # finfo.min biases, an average SDPA computes; the stock function computes those rows alone)
+    torch.testing.assert_close(ours, stock_logits, atol=LOGITS_ATOL, rtol=1e-4)
     assert torch.equal(_greedy(model, ids, mask), stock_tokens)
     for op in ("rms_norm", "apply_rotary", "varlen_attention", MLP_OPS[kind]):
         assert op_calls[op] > 0, f"{op} did not run"
@@ -106,6 +109,21 @@ def test_attn_implementation_maca_at_load_time(load_llm, make_batch, op_calls):
     torch.testing.assert_close(_logits(ours, ids, mask)[real], _logits(stock, ids, mask)[real], atol=LOGITS_ATOL, rtol=1e-4)
     assert op_calls["varlen_attention"] > 0 and op_calls["rms_norm"] == 0  # attention only
     assert torch.equal(_greedy(ours, ids, mask), _greedy(stock, ids, mask))
+
+
+def test_a_model_not_enabled_stays_stock_beside_an_enabled_one(load_llm, make_batch, op_calls):
+    """On 4.46 our scaled_dot_product_attention is installed process-wide: only enabled models may reach it."""
+    enabled, other = load_llm("llama"), load_llm("llama")
+    ids, mask = make_batch(other.config.vocab_size, [6, 3], seed=14, device=other.device)
+    stock = _logits(other, ids, mask)
+    maca_hf.enable(enabled)
+    try:
+        assert torch.equal(_logits(other, ids, mask), stock)
+        assert sum(op_calls.values()) == 0, op_calls
+        _logits(enabled, ids, mask)
+        assert op_calls["varlen_attention"] > 0
+    finally:
+        maca_hf.disable(enabled)
 
 
 def test_static_cache_generate(load_llm, make_batch, op_calls):
