@@ -34,6 +34,12 @@ import requests
 
 pytest.importorskip("sglang")
 
+from maca_infer.adapters.sglang import compat  # noqa: E402
+
+if not compat.has("emulated_dp_attention"):  # the platform refuses it there (test_platform checks the refusal)
+    pytest.skip(f"SGLang {compat.sglang_version()}: DP attention on the emulated device needs SGLang >= "
+                f"{compat.FEATURES['emulated_dp_attention'][0]}", allow_module_level=True)
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MAX_NEW = 8
