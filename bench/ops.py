@@ -11,7 +11,10 @@ With no accelerator it prints the floor table and, for one decode step of a
 32-layer Llama-shaped model built from our ops, what the host can measure:
 kernel launches per layer (Triton kernels counted at launch under
 ``TRITON_INTERPRET=1``, plus the GEMMs), host syncs per step, and host
-microseconds per step on the reference path.
+microseconds per step on the reference path; and the host microseconds of
+one step's attention (``layers`` paged decode calls) with a plan made once per
+step against a plan made by every call, on the reference tier and on the
+Triton tier up to the launch (issue #12, part 5).
 
 Peak figures default to those MetaX publishes for the C500 (1.8 TB/s HBM2e,
 280 TFLOP/s dense fp16/bf16, 560 TOPS INT8 for the W8A8 rows); they are not
@@ -346,10 +349,73 @@ def count_triton_launches(batch: int, context: int, block_size: int) -> int:
     return launches
 
 
+def _attention_step(batch: int, context: int, block_size: int, layers: int, planned: bool):
+    """One decode step's attention on TINY's shapes: ``layers`` paged_decode_attention calls.
+
+    ``planned``: the step first makes the batch's plan (plan_paged_decode, part of the
+    step) and every layer passes it; otherwise each layer makes its own (an unplanned
+    call: the full input checks, split count, scratch and tier choice per layer, as
+    before issue #12 part 5).
+    """
+    from maca_infer.common import ops
+    from maca_infer.common.ops.attention import plan_paged_decode
+
+    m, dt = TINY, torch.float32
+    g = torch.Generator().manual_seed(0)
+    nblk = batch * math.ceil((context + 1) / block_size)
+    table = torch.arange(nblk, dtype=torch.int32).view(batch, -1)
+    lens = torch.full((batch,), context + 1, dtype=torch.int32)
+    caches = [(torch.randn(nblk, block_size, m.kv_heads, m.head_dim, generator=g).to(dt),
+               torch.randn(nblk, block_size, m.kv_heads, m.head_dim, generator=g).to(dt)) for _ in range(layers)]
+    qs = [torch.randn(batch, m.heads, m.head_dim, generator=g).to(dt) for _ in range(layers)]
+    scale = m.head_dim ** -0.5
+
+    def step():
+        if planned:
+            plan = plan_paged_decode(table, lens, num_q_heads=m.heads, num_kv_heads=m.kv_heads,
+                                     head_dim=m.head_dim, block_size=block_size, dtype=dt)
+            for q, (kc, vc) in zip(qs, caches):
+                ops.paged_decode_attention(q, kc, vc, scale=scale, plan=plan)
+        else:
+            for q, (kc, vc) in zip(qs, caches):
+                ops.paged_decode_attention(q, kc, vc, table, lens, scale=scale)
+
+    return step
+
+
+def attention_host_us(batch: int, context: int, block_size: int, layers: int, planned: bool,
+                      repeats: int = 30) -> float:
+    """Host µs of one decode step's attention (``_attention_step``), median of ``repeats`` after warm-up.
+
+    On the Triton tier the kernel launches are stubbed: the figure is the path up to the
+    launch, what planning changes (the launch's own cost is Triton's, the same either way).
+    """
+    from maca_infer.common.ops import _jit
+
+    step = _attention_step(batch, context, block_size, layers, planned)
+    original = _jit.lazy_jit.__getitem__
+    _jit.lazy_jit.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)  # stub launches (triton tier)
+    try:
+        for _ in range(5):
+            step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        _jit.lazy_jit.__getitem__ = original
+    return statistics.median(times) * 1e6
+
+
+def _attention_host_figures(out: dict, prefix: str, unplanned: float, planned: float) -> None:
+    out[f"{prefix}_attention_host_us_per_step_unplanned"] = unplanned
+    out[f"{prefix}_attention_host_us_per_step_planned"] = planned
+    out[f"{prefix}_attention_planned_speedup"] = unplanned / planned
+
+
 def host_figures(batch: int, context: int, block_size: int, layers: int) -> dict:
     """Launches per layer (Triton path), syncs and host µs per step (reference path), on CPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     tiny = TINY
     cpu = torch.device("cpu")
     out = {"model": f"{layers}-layer Llama-shaped decoder (hidden 128, 4x32 heads, 2 KV heads)",
@@ -358,33 +424,24 @@ def host_figures(batch: int, context: int, block_size: int, layers: int) -> dict
     # launches on the Triton path: counted in a fresh interpreter process (triton
     # reads TRITON_INTERPRET once, at import)
     env = dict(os.environ, TRITON_INTERPRET="1", MACA_INFER_OPS_IMPL="triton")
-    code = (f"import json; from maca_infer.bench.ops import count_triton_launches; "
-            f"print(json.dumps(count_triton_launches({batch}, {context}, {block_size})))")
+    code = (f"import json; from maca_infer.bench.ops import count_triton_launches, attention_host_us; "
+            f"print(json.dumps([count_triton_launches({batch}, {context}, {block_size})] + "
+            f"[attention_host_us({batch}, {context}, {block_size}, {layers}, p) for p in (False, True)]))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode == 0:
-        per_layer = json.loads(proc.stdout.strip().splitlines()[-1]) + GEMMS_PER_LAYER
+        launches, unplanned, planned = json.loads(proc.stdout.strip().splitlines()[-1])
+        per_layer = launches + GEMMS_PER_LAYER
         out["triton_launches_per_layer"] = per_layer
         out["triton_launches_per_step"] = per_layer * layers
+        _attention_host_figures(out, "triton", unplanned, planned)
     else:
         out["triton_launches_per_layer"] = None
         out["triton_launches_error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"
 
     # reference path: aten ops (each a launch on a device), host syncs, host time
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-            self.syncs = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.syncs += 1  # .item() / int(tensor): waits for the device
-            return func(*args, **(kwargs or {}))
-
     with envs.temporarily(MACA_INFER_OPS_IMPL="reference"):
         step = _decode_layer(cpu, batch, context, block_size, tiny)
-        with Count() as c:
+        with _count_aten() as c:
             step()
         out["reference_aten_ops_per_layer"] = c.ops
         out["host_syncs_per_step"] = c.syncs * layers
@@ -397,7 +454,35 @@ def host_figures(batch: int, context: int, block_size: int, layers: int) -> dict
                 step()
             t.append(time.perf_counter() - t0)
         out["host_us_per_step_reference"] = statistics.median(t) * 1e6
+        _attention_host_figures(out, "reference", attention_host_us(batch, context, block_size, layers, False),
+                                attention_host_us(batch, context, block_size, layers, True))
+        for planned in (False, True):
+            attention = _attention_step(batch, context, block_size, layers, planned)
+            with _count_aten() as c:
+                attention()
+            kind = "planned" if planned else "unplanned"
+            out[f"reference_attention_aten_ops_per_step_{kind}"] = c.ops
+            out[f"reference_attention_host_syncs_per_step_{kind}"] = c.syncs
     return out
+
+
+def _count_aten():
+    """A dispatch mode counting aten ops (each a launch on a device) and host syncs while active."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+            self.syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.syncs += 1  # .item() / int(tensor): waits for the device
+            return func(*args, **(kwargs or {}))
+
+    return Count()
 
 
 # ---------------------------------------------------------------- report

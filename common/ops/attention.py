@@ -779,7 +779,7 @@ def _decode_schedule(plan: DecodePlan, sliding_window: int | None) -> list[_Deco
     block_table = plan.block_table
     kv_lens = plan.kv_seqlens.to(device=block_table.device, dtype=torch.int64)
     order = torch.argsort(kv_lens, stable=True)
-    sorted_lens = kv_lens[order].tolist()
+    order_host, sorted_lens = torch.stack((order, kv_lens[order])).tolist()  # the plan's one host sync
     # float32 elements one sequence of length L costs: gathered k and v, scores
     per_key = num_kv_heads * (plan.head_dim + plan.head_dim_v) + num_q_heads * query_len
     groups = []
@@ -791,7 +791,7 @@ def _decode_schedule(plan: DecodePlan, sliding_window: int | None) -> list[_Deco
             end += 1
         g = _DecodeGroup()
         g.idx = order[start:end]
-        g.identity = end - start == batch and bool(torch.equal(g.idx, torch.arange(batch, device=g.idx.device)))
+        g.identity = end - start == batch and order_host == list(range(batch))
         lens = kv_lens[g.idx]
         end_block = max(1, -(-sorted_lens[end - 1] // block_size))
         # With a window, blocks before the first key any query of the group can
