@@ -91,3 +91,17 @@ def test_w8a8_rows_count_int8_bytes_and_floor_at_the_int8_peak():
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     assert p.parse_args([]).peak_int8_tops == 560.0
+
+
+def test_planned_attention_step_syncs_once(monkeypatch):
+    """The host figures' attention step (issue #12, part 5): with a plan per step the reference tier
+    reads the lengths once per step, not once per layer, and issues fewer aten ops (launches on a device)."""
+    monkeypatch.setenv("MACA_INFER_OPS_IMPL", "reference")
+    counts = {}
+    for planned in (False, True):
+        step = bench._attention_step(batch=3, context=20, block_size=8, layers=4, planned=planned)
+        with bench._count_aten() as c:
+            step()
+        counts[planned] = (c.ops, c.syncs)
+    assert counts[False][1] == 4 and counts[True][1] == 1
+    assert counts[True][0] < counts[False][0]
