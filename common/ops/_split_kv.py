@@ -6,7 +6,9 @@ log-sum-exp, and ``merge_kv_splits`` combines them::
 
     lse = log sum_r exp(lse_r),   out = sum_r exp(lse_r - lse) out_r
 
-``auto_num_kv_splits`` is the one rule that picks the split count.
+``auto_num_kv_splits`` is the one rule that picks the split count. The
+helpers at the end serve both ops' per-batch plans (``DecodePlan``,
+``MLADecodePlan``): made once per forward batch, used by every layer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 
 import torch
 
-from maca_infer.common.ops import _launch
+from maca_infer.common.ops import _dispatch, _launch
 from maca_infer.common.ops._jit import lazy_jit, next_power_of_2, tl
 from maca_infer.common.ops._triton_helpers import merge_lse_partials
 
@@ -109,3 +111,30 @@ def merge_kv_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: t
         HEAD_DIM_V=head_dim_v, BLOCK_DV=next_power_of_2(head_dim_v), BLOCK_S=next_power_of_2(num_kv_splits),
         WRITE_LSE=lse is not None, **_launch.options("merge_kv_splits"),
     )
+
+
+# ==========================================================================
+# Per-batch plans (attention.DecodePlan, mla.MLADecodePlan): shared helpers
+# ==========================================================================
+def planned_impl(op: str, plan, *tensors, vendor: bool) -> str:
+    """The tier serving the plan's layers: ``_dispatch.select_impl``'s choice at the first layer."""
+    impl = plan._memo.get("impl")
+    if impl is None:
+        impl = plan._memo["impl"] = _dispatch.select_impl(op, *tensors, vendor=vendor)
+    return impl
+
+
+def plan_mismatch(op: str, plan, planner: str, name: str, found) -> ValueError:
+    """The error for a layer input that does not fit its plan (``planner``: the function that makes one)."""
+    return ValueError(f"{op}: {name} {found} does not match the plan ({plan.describe()}); "
+                      f"make a new plan ({planner}) for this batch and these layers")
+
+
+def check_plan_arguments(op: str, plan, plan_type: type, planner: str, **given) -> None:
+    """A planned call: ``plan`` is a ``plan_type``, and each metadata argument passed along is the plan's own."""
+    if not isinstance(plan, plan_type):
+        raise ValueError(f"{op}: plan must be a {plan_type.__name__} (from {planner}), got {type(plan).__name__}")
+    for name, value in given.items():
+        if value is not None and value is not getattr(plan, name):
+            raise ValueError(f"{op}: {name} was passed with a plan made for another one; pass None "
+                             "(the plan's is used) or make a new plan")

@@ -58,7 +58,13 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl, triton
-from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
+from maca_infer.common.ops._split_kv import (
+    auto_num_kv_splits,
+    check_plan_arguments,
+    merge_kv_splits,
+    plan_mismatch,
+    planned_impl,
+)
 from maca_infer.common.ops._triton_helpers import (
     attention_scores,
     online_softmax_finish,
@@ -515,8 +521,7 @@ def _check_num_kv_splits(op, num_kv_splits):
 
 
 def _plan_mismatch(op, plan, name, found) -> ValueError:
-    return ValueError(f"{op}: {name} {found} does not match the plan ({plan.describe()}); "
-                      "make a new plan (plan_paged_decode) for this batch and these layers")
+    return plan_mismatch(op, plan, "plan_paged_decode", name, found)
 
 
 def _check_against_plan(op, plan, q, key_cache, value_cache) -> None:
@@ -554,14 +559,6 @@ def _planned_options(op, plan, scale, sliding_window, logit_softcap):
         hit = _check_options(op, None, plan.num_q_heads, plan.head_dim, scale, sliding_window, logit_softcap, None)
         plan._memo[key] = hit
     return hit
-
-
-def _planned_impl(op, plan, *tensors, vendor: bool) -> str:
-    """The tier serving the plan's layers: ``_dispatch.select_impl``'s choice at the first layer."""
-    impl = plan._memo.get("impl")
-    if impl is None:
-        impl = plan._memo["impl"] = _dispatch.select_impl(op, *tensors, vendor=vendor)
-    return impl
 
 
 class _DecodeLaunch:
@@ -1221,14 +1218,8 @@ def paged_decode_attention(
     if plan is None:
         plan = _plan_for_call(op, q, key_cache, value_cache, block_table, kv_seqlens, num_kv_splits)
     else:
-        if not isinstance(plan, DecodePlan):
-            raise ValueError(f"{op}: plan must be a DecodePlan (from plan_paged_decode), got {type(plan).__name__}")
-        for name, given, planned in (("block_table", block_table, plan.block_table),
-                                     ("kv_seqlens", kv_seqlens, plan.kv_seqlens),
-                                     ("num_kv_splits", num_kv_splits, plan.num_kv_splits)):
-            if given is not None and given is not planned:
-                raise ValueError(f"{op}: {name} was passed with a plan made for another one; pass None "
-                                 "(the plan's is used) or make a new plan")
+        check_plan_arguments(op, plan, DecodePlan, "plan_paged_decode", block_table=block_table,
+                             kv_seqlens=kv_seqlens, num_kv_splits=num_kv_splits)
     _check_against_plan(op, plan, q, key_cache, value_cache)
     scale, sliding_window, logit_softcap = _planned_options(op, plan, scale, sliding_window, logit_softcap)
     if alibi_slopes is not None:
@@ -1250,7 +1241,7 @@ def paged_decode_attention(
             alibi_slopes, plan.num_kv_splits, out4, lse3, plan)
     _dispatch.dispatch(op, _decode_triton, _decode_reference, (q, key_cache, value_cache), *args,
                        vendor_fn=vendor.paged_decode, empty=plan.batch == 0,
-                       impl=_planned_impl(op, plan, q, key_cache, value_cache, vendor=True))
+                       impl=planned_impl(op, plan, q, key_cache, value_cache, vendor=True))
     return (out, lse) if return_lse else out
 
 

@@ -36,7 +36,13 @@ import torch
 
 from maca_infer.common.ops import _checks, _dispatch, _launch, vendor
 from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_of_2, tl
-from maca_infer.common.ops._split_kv import auto_num_kv_splits, merge_kv_splits
+from maca_infer.common.ops._split_kv import (
+    auto_num_kv_splits,
+    check_plan_arguments,
+    merge_kv_splits,
+    plan_mismatch,
+    planned_impl,
+)
 from maca_infer.common.ops._triton_helpers import LOG2E, online_softmax_finish, online_softmax_step
 from maca_infer.common.ops.kv_cache import check_slot_mapping, check_slots_in_range
 
@@ -356,8 +362,7 @@ def _check_num_kv_splits(op, num_kv_splits):
 
 
 def _plan_mismatch(op, plan, name, found) -> ValueError:
-    return ValueError(f"{op}: {name} {found} does not match the plan ({plan.describe()}); "
-                      "make a new plan (plan_mla_decode) for this batch and these layers")
+    return plan_mismatch(op, plan, "plan_mla_decode", name, found)
 
 
 def _check_against_plan(op, plan, q_nope, q_rope, latent_cache) -> torch.Tensor:
@@ -383,14 +388,6 @@ def _check_against_plan(op, plan, q_nope, q_rope, latent_cache) -> torch.Tensor:
     if cache.stride(-1) != 1:
         raise ValueError(f"{op}: latent_cache's last dimension must be contiguous (stride {cache.stride()})")
     return cache
-
-
-def _planned_impl(op, plan, *tensors, vendor: bool) -> str:
-    """The tier serving the plan's layers: ``_dispatch.select_impl``'s choice at the first layer."""
-    impl = plan._memo.get("impl")
-    if impl is None:
-        impl = plan._memo["impl"] = _dispatch.select_impl(op, *tensors, vendor=vendor)
-    return impl
 
 
 class _MLALaunch:
@@ -495,6 +492,18 @@ def _check_lengths_on_host(op, kv_seqlens, block_table, block_size, q_lens=None)
             b = int(short[0, 0])
             raise ValueError(f"{op}: sequence {b} has kv_seqlens {int(kv_seqlens[b])} < its query length "
                              f"{int(q_lens[b])}; kv_seqlens counts the cached prefix plus the new tokens")
+
+
+def _checked_out(op, out, shape, q):
+    """``out`` checked against ``shape`` and q's dtype (last dim contiguous), or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    _checks.check_dtype(op, "out", out, (q.dtype,))
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {shape}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"{op}: out's last dimension must be contiguous (stride {out.stride()})")
+    return out
 
 
 def _check_scale(op, scale):
@@ -617,33 +626,20 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.T
     if plan is None:
         plan = _mla_plan_for_call(op, q_nope, q_rope, latent_cache, block_table, kv_seqlens, num_kv_splits)
     else:
-        if not isinstance(plan, MLADecodePlan):
-            raise ValueError(f"{op}: plan must be an MLADecodePlan (from plan_mla_decode), got {type(plan).__name__}")
-        for name, given, planned in (("block_table", block_table, plan.block_table),
-                                     ("kv_seqlens", kv_seqlens, plan.kv_seqlens),
-                                     ("num_kv_splits", num_kv_splits, plan.num_kv_splits)):
-            if given is not None and given is not planned:
-                raise ValueError(f"{op}: {name} was passed with a plan made for another one; pass None "
-                                 "(the plan's is used) or make a new plan")
+        check_plan_arguments(op, plan, MLADecodePlan, "plan_mla_decode", block_table=block_table,
+                             kv_seqlens=kv_seqlens, num_kv_splits=num_kv_splits)
     cache = _check_against_plan(op, plan, q_nope, q_rope, latent_cache)
     _check_scale(op, scale)
     out_shape = (plan.batch, plan.num_heads, plan.kv_lora_rank)
-    if out is None:
-        out = torch.empty(out_shape, dtype=q_nope.dtype, device=q_nope.device)
-    else:
-        _checks.check_dtype(op, "out", out, (q_nope.dtype,))
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {out_shape}")
-        if out.stride(-1) != 1:
-            raise ValueError(f"{op}: out's last dimension must be contiguous (stride {out.stride()})")
-        _checks.check_same_device(op, q_nope=q_nope, out=out)
+    out = _checked_out(op, out, out_shape, q_nope)
+    _checks.check_same_device(op, q_nope=q_nope, out=out)
     lse = torch.empty(out_shape[:2], dtype=torch.float32, device=q_nope.device) if return_lse else None
     _dispatch.dispatch(op, _mla_decode_triton, _mla_decode_reference,
                        (q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens),
                        q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens, float(scale), plan.num_kv_splits,
                        out, lse, plan, vendor_fn=vendor.mla_decode, empty=plan.batch == 0,
-                       impl=_planned_impl(op, plan, q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens,
-                                          vendor=True))
+                       impl=planned_impl(op, plan, q_nope, q_rope, cache, plan.block_table, plan.kv_seqlens,
+                                         vendor=True))
     return (out, lse) if return_lse else out
 
 
@@ -763,14 +759,7 @@ def mla_prefill(q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.
     if max_seqlen_q is not None and (not isinstance(max_seqlen_q, int) or max_seqlen_q < 0):
         raise ValueError(f"{op}: max_seqlen_q={max_seqlen_q!r} is not supported; allowed: None or an int >= 0")
     out_shape = (total_q, num_heads, v_head_dim)
-    if out is None:
-        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    else:
-        _checks.check_dtype(op, "out", out, (q.dtype,))
-        if tuple(out.shape) != out_shape:
-            raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {out_shape}")
-        if out.stride(-1) != 1:
-            raise ValueError(f"{op}: out's last dimension must be contiguous (stride {out.stride()})")
+    out = _checked_out(op, out, out_shape, q)
     _checks.check_same_device(op, q=q, latent_cache=cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
                               kv_seqlens=kv_seqlens, kv_b_proj_weight=kv_b_proj_weight, out=out)
     if cu_seqlens_q.device.type == "cpu":
