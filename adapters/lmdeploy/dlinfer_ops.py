@@ -42,6 +42,12 @@ GAP_OPS: tuple[str, ...] = (
     "fill_mla_cache",
     "mla_decode",
     "mla_prefill",
+    # INT8 W8A8 (LMDeploy's smooth-quant modules): upstream's maca vendor has none of them
+    "dynamic_quant",
+    "linear_w8a8",
+    "rms_norm_w8a8",
+    "add_rms_norm_w8a8",
+    "fused_moe_w8a8",
 )
 
 __all__ = [
@@ -507,6 +513,46 @@ def fused_moe_w4a16(
     )
 
 
+def fused_moe_w8a8(
+    hidden_states: torch.Tensor,
+    gate_up_weights: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    down_weights: torch.Tensor,
+    down_scales: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    moe_metadata: Any = None,
+) -> torch.Tensor:
+    """``fused_moe`` with INT8 experts and dynamic per-token INT8 activations (LMDeploy's ``FusedMoEW8A8``).
+
+    Args:
+        hidden_states: [T, H] fp16/bf16/fp32 (quantized per token inside).
+        gate_up_weights: [E, 2I, H] int8, rows [0, I) gate, [I, 2I) up.
+        gate_up_scales: [E, 2I, 1] per-channel scales (LMDeploy keeps them float32, or
+            bfloat16 for a bf16 model); read as float32.
+        down_weights: [E, H, I] int8; down_scales: [E, H, 1].
+        topk_weights, topk_ids: [T, k] (or [T*k]) router probabilities and expert ids.
+        renormalize: divide each token's k weights by their sum first.
+        moe_metadata: single-rank only (``ep_size`` <= 1).
+
+    Returns:
+        [T, H] in ``hidden_states.dtype``; see ``common.ops.fused_moe_w8a8`` for the math.
+    """
+    ep_size = getattr(moe_metadata, "ep_size", 1) if moe_metadata is not None else 1
+    if ep_size not in (None, 1):
+        raise ValueError(f"fused_moe_w8a8: moe_metadata.ep_size={ep_size} (expert parallelism) is not supported "
+                         "on maca; allowed: 1")
+    num_tokens = hidden_states.shape[0]
+    weights = topk_weights.reshape(num_tokens, topk).float()
+    ids = topk_ids.reshape(num_tokens, topk).to(torch.int32)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return mops.fused_moe_w8a8(hidden_states, gate_up_weights, down_weights, _float32_scale(gate_up_scales),
+                               _float32_scale(down_scales), weights, ids)
+
+
 # --------------------------------------------------------------------------- linear layers
 
 
@@ -602,6 +648,98 @@ def weight_quant_matmul(
 def w4a16_linear(x, qweight, scales, zeros=None, group_size: int = 128, bias=None):
     """maca-infer's W4A16 linear in our layout (see common.ops.w4a16_linear)."""
     return mops.w4a16_linear(x, qweight, scales, zeros, group_size, bias)
+
+
+# --------------------------------------------------------------------------- INT8 W8A8 (smooth-quant)
+#
+# dlinfer's contract: the per-token activation scale has shape ``x.shape[:-1]``
+# (ours, ``common.ops``, keeps a trailing 1: ``[..., 1]``); ``linear_w8a8``
+# accepts either.
+
+
+def _check_int8(op: str, quant_dtype: Any) -> None:
+    if quant_dtype != torch.int8:
+        raise ValueError(f"{op}: quant_dtype={quant_dtype!r} is not supported on maca; allowed: torch.int8 "
+                         "(FP8 W8A8 needs an FP8 card; MetaX C500 has none)")
+
+
+def _float32_scale(scale: torch.Tensor) -> torch.Tensor:
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise ValueError(f"W8A8 scales must be float tensors (one per output channel), got "
+                         f"{getattr(scale, 'dtype', type(scale).__name__)}")
+    return scale.float()
+
+
+def dynamic_quant(x: torch.Tensor, quant_dtype: torch.dtype,
+                  quant_granularity: Optional[str] = "PER_TOKEN") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic per-token INT8 quantization.
+
+    Args:
+        x: [..., K] fp16/bf16/fp32.
+        quant_dtype: torch.int8.
+        quant_granularity: "PER_TOKEN" (None means the same).
+
+    Returns:
+        (q int8 [..., K], scale float32 [...]): ``scale = max|x_row| / 127``,
+        ``q = round_half_away_from_zero(x / scale)``, so ``x ~= q * scale``.
+    """
+    _check_int8("dynamic_quant", quant_dtype)
+    if quant_granularity not in (None, "PER_TOKEN"):
+        raise ValueError(f"dynamic_quant: quant_granularity={quant_granularity!r} is not supported on maca; "
+                         "allowed: 'PER_TOKEN'")
+    q, scale = mops.per_token_quant_int8(x)
+    return q, scale.squeeze(-1)
+
+
+def linear_w8a8(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rms_scale: torch.Tensor,
+    linear_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    quant_dtype: torch.dtype = torch.int8,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """INT8 x INT8 linear with per-token and per-channel scales (LMDeploy's ``W8A8Linear``).
+
+    Args:
+        a: [..., K] int8 activations (from ``dynamic_quant`` / ``rms_norm_w8a8``).
+        b: [N, K] int8 weight (torch Linear layout, as LMDeploy loads it).
+        rms_scale: [...] or [..., 1] float32, one scale per token of ``a``.
+        linear_scale: [N, 1] or [N] float per-channel weight scale.
+        out_dtype: fp16/bf16/fp32; bias: [N] or None.
+
+    Returns:
+        [..., N]: ``(sum_k a[m, k] b[n, k]) * rms_scale[m] * linear_scale[n] + bias[n]``
+        (exact int32 accumulation, float32 scaling).
+    """
+    _check_int8("linear_w8a8", quant_dtype)
+    if isinstance(rms_scale, torch.Tensor) and tuple(rms_scale.shape) == tuple(a.shape[:-1]):
+        rms_scale = rms_scale.unsqueeze(-1)
+    return mops.w8a8_int8_linear(a, rms_scale, b, _float32_scale(linear_scale), bias, out_dtype)
+
+
+def rms_norm_w8a8(hidden_states: torch.Tensor, weight: torch.Tensor, epsilon: float,
+                  quant_dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm fused with ``dynamic_quant``: (q int8 [..., H], scale float32 [...]).
+
+    The normed row is rounded to ``hidden_states.dtype`` before it is quantized
+    (what the unfused ``rms_norm`` then ``dynamic_quant`` compute).
+    """
+    _check_int8("rms_norm_w8a8", quant_dtype)
+    q, scale = mops.rms_norm_quant_int8(hidden_states, weight, float(epsilon))
+    return q, scale.squeeze(-1)
+
+
+def add_rms_norm_w8a8(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float,
+                      quant_dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add, RMSNorm and ``dynamic_quant``: (q int8 [..., H], scale float32 [...], residual).
+
+    ``residual`` is updated IN PLACE to ``hidden_states + residual`` (``add_rms_norm``'s contract).
+    """
+    _check_int8("add_rms_norm_w8a8", quant_dtype)
+    q, scale, residual = mops.add_rms_norm_quant_int8(hidden_states, residual, weight, float(epsilon))
+    return q, scale.squeeze(-1), residual
 
 
 # --------------------------------------------------------------------------- MLA (DeepSeek-V2/V3 latent attention)

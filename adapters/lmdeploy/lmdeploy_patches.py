@@ -6,12 +6,17 @@
    ``kv_seqlens_cpu`` that ``DlinferAttentionImpl`` reads: every maca run
    dies with a TypeError at the first step, on real MetaX hardware too.
    Ours builds the complete metadata (vectorised slot computation, no
-   per-sequence Python loop).
+   per-sequence Python loop), and a single-rank ``MoeMetadata``: LMDeploy's
+   dlinfer W8A8 MoE (``DlinferFusedMoEW8A8Impl``) refuses to run without
+   one, and only Ascend's backend makes one.
 2. ``MacaOpsBackend.build_graph_runner``: LMDeploy reuses the CUDA graph
    runner for maca, whose buffer filling (``CudaGraphMixin``) runs a CUDA
    Triton kernel and knows nothing of dlinfer's metadata
    (``kv_start_indices``, the CPU length tensors). Ours keeps LMDeploy's
    runner and swaps in maca buffer handling for the captured decode graphs.
+
+3. ``ModelWeightLoader.load_model_weights``: a smooth-quant (INT8 W8A8)
+   checkpoint is checked before it is loaded (``w8a8_checkpoint.py``).
 
 Each function here is installed by ``apply()``, which the import hook runs
 right after LMDeploy imports ``lmdeploy.pytorch.backends.dlinfer.maca.op_backend``.
@@ -100,6 +105,11 @@ def maca_update_step_context(cls, step_context):
         kv_seqlens_cpu=kv_cpu,
         quant_policy=step_context.kv_quant_policy,
     )
+    if getattr(step_context, "moe_metadata", None) is None:
+        # single rank: maca's MoE ops read only router_n_groups (set by LMDeploy's router) and ep_size
+        from dlinfer.utils.type_annotation import MoeMetadata
+
+        step_context.moe_metadata = MoeMetadata()
     return step_context
 
 
@@ -331,10 +341,40 @@ class MacaRouterNoauxTC:
         return weights, ids.long()
 
 
+def check_w8a8_spec(spec) -> None:
+    """Refuse, while the model is built, a W8A8 module that maca's dlinfer ops cannot run.
+
+    LMDeploy builds one ``LinearW8A8`` / ``RMSNormW8A8`` / ``FusedMoEW8A8`` spec per
+    smooth-quant module; without this check an FP8 checkpoint, the NN weight layout
+    or expert parallelism would fail only at the first forward, deep in an op.
+    """
+    from lmdeploy.pytorch.backends.moe import FusedMoEW8A8BuildSpec
+    from lmdeploy.pytorch.backends.qmodules import LinearW8A8BuildSpec, RMSNormW8A8BuildSpec
+
+    from maca_infer.common import envs
+
+    if not isinstance(spec, (LinearW8A8BuildSpec, RMSNormW8A8BuildSpec, FusedMoEW8A8BuildSpec)):
+        return
+    module = type(spec).__name__.removesuffix("BuildSpec")
+    if spec.quant_dtype != torch.int8:
+        raise ValueError(
+            f"maca-infer: this checkpoint's W8A8 modules ({module}) quantize to {spec.quant_dtype}; maca serves "
+            "INT8 W8A8 only (quantization_config quant_dtype 'int8'; FP8 needs an FP8 card, MetaX C500 has none)")
+    if isinstance(spec, LinearW8A8BuildSpec) and envs.dlinfer_linear_nn_layout():
+        raise ValueError(
+            "maca-infer: DLINFER_LINEAR_USE_NN_LAYOUT=1 makes LMDeploy store W8A8 weights as [K, N]; maca's INT8 "
+            "GEMM reads LMDeploy's default [N, K]: unset DLINFER_LINEAR_USE_NN_LAYOUT (or set it to 0)")
+    if isinstance(spec, FusedMoEW8A8BuildSpec) and spec.ep_size > 1:
+        raise ValueError(f"maca-infer: W8A8 MoE with expert parallelism (ep={spec.ep_size}) is not supported on "
+                         "maca; allowed: ep=1")
+
+
 def _maca_build_op(upstream_build_op):
     def build_op(cls, spec, *, enable_deterministic: bool = False):
         from lmdeploy.pytorch.backends.moe_router import RouterNoauxTCBuildSpec
         from lmdeploy.pytorch.backends.multinomial_sampling import MultinomialSamplingBuildSpec
+
+        check_w8a8_spec(spec)
 
         if isinstance(spec, MultinomialSamplingBuildSpec):
             return MacaSeededMultinomialSampling()
@@ -361,6 +401,12 @@ def apply(op_backend_module: types.ModuleType) -> None:
     patching.apply(patching.CCL_BACKEND, backend, "ccl_backend", staticmethod(ccl_backend))
     patching.apply(patching.SUPPORT_RAY, backend, "support_ray", staticmethod(support_ray))
     patching.apply(patching.BUILD_OP, backend, "build_op", _maca_build_op(backend.build_op))
+    from lmdeploy.pytorch.weight_loader.model_weight_loader import ModelWeightLoader
+
+    from maca_infer.adapters.lmdeploy.w8a8_checkpoint import checked_load_model_weights
+
+    patching.apply(patching.LOAD_MODEL_WEIGHTS, ModelWeightLoader, "load_model_weights",
+                   checked_load_model_weights(ModelWeightLoader.load_model_weights))
 
 
 # --------------------------------------------------------------------------- mp engine start-up race

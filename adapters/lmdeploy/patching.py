@@ -28,6 +28,7 @@ VERSIONS = f"{range_of('lmdeploy')} (checked on 0.18.0)"
 MACA_OP_BACKEND = "lmdeploy.pytorch.backends.dlinfer.maca.op_backend"
 ZMQ_ENGINE = "lmdeploy.pytorch.engine.mp_engine.zmq_engine"
 BASE_WORKER = "lmdeploy.pytorch.engine.executor.base_worker"
+WEIGHT_LOADER = "lmdeploy.pytorch.weight_loader.model_weight_loader"
 
 
 def _declare(target: str, *, why: str, how: str, remove_when: str) -> RuntimePatch:
@@ -39,7 +40,8 @@ UPDATE_STEP_CONTEXT = _declare(
     why="0.18.0 passes max_q_seq_len= to DlinferAttentionMetadata, which now wants max_q_seqlen, "
         "cu_seqlens_q, cu_seqlens_q_cpu and kv_seqlens_cpu: TypeError at the first step on every maca host",
     how="classmethod lmdeploy_patches.maca_update_step_context builds the complete 0.18 metadata "
-        "(vectorised cache-slot computation, one host sync per step)",
+        "(vectorised cache-slot computation, one host sync per step) and a single-rank MoeMetadata "
+        "(LMDeploy's dlinfer W8A8 MoE raises without one; only its Ascend backend builds it)",
     remove_when="LMDeploy's MacaOpsBackend.update_step_context fills the 0.18 DlinferAttentionMetadata fields",
 )
 BUILD_GRAPH_RUNNER = _declare(
@@ -71,14 +73,28 @@ BUILD_OP = _declare(
         "(OpenAI seed) reaches the sampler as per-sequence seeds and offsets, which only the cuda backend's "
         "Triton multinomial kernel reads; DefaultMultinomialSamplingImpl (torch.multinomial on the global "
         "RNG) made two identical seeded requests differ on maca; (2) DeepSeek-V3's noaux_tc router "
-        "(DefaultRouterNoauxTCImpl) is a chain of torch ops where maca-infer has one kernel",
-    how="MacaOpsBackend.build_op answers MultinomialSamplingBuildSpec with "
+        "(DefaultRouterNoauxTCImpl) is a chain of torch ops where maca-infer has one kernel; (3) a W8A8 "
+        "(smooth-quant) module maca cannot run (FP8 quant_dtype, NN weight layout, expert parallelism) "
+        "would fail only at the first forward, deep in a kernel",
+    how="MacaOpsBackend.build_op first refuses such W8A8 specs with one ValueError while the model is "
+        "built (lmdeploy_patches.check_w8a8_spec), then answers MultinomialSamplingBuildSpec with "
         "lmdeploy_patches.MacaSeededMultinomialSampling (maca_infer.common.ops.seeded_multinomial: "
         "tl.rand(seed, offset) in torch, the same draw as the cuda kernel) and RouterNoauxTCBuildSpec "
         "(grouped, router_n_groups off) with lmdeploy_patches.MacaRouterNoauxTC "
         "(maca_infer.common.ops.moe_grouped_topk); every other op as upstream",
     remove_when="LMDeploy's dlinfer backend builds a seed-aware multinomial sampling op and a fused "
-                "noaux_tc router served by dlinfer",
+                "noaux_tc router served by dlinfer, and checks W8A8 specs against the vendor's ops",
+)
+LOAD_MODEL_WEIGHTS = _declare(
+    f"{WEIGHT_LOADER}.ModelWeightLoader.load_model_weights",
+    why="LMDeploy copies each checkpoint tensor into its parameter with copy_: a smooth-quant (W8A8) "
+        "checkpoint with a float weight where int8 is expected, a mis-shaped scale, or int8 experts in a "
+        "model that builds float experts (Qwen2-MoE, DeepSeek v1) loads silently wrong or fails deep in a kernel",
+    how="with the maca backend, a smooth_quant checkpoint's safetensors headers are checked first "
+        "(w8a8_checkpoint.check_smooth_quant_layout): one ValueError naming the tensor and the expected "
+        "layout; then upstream loads as before",
+    remove_when="LMDeploy's W8A8 loaders check dtype and shape, and its MoE models without a W8A8 path "
+                "refuse smooth_quant checkpoints",
 )
 MP_PROC = _declare(
     f"{ZMQ_ENGINE}.ZMQMPEngine._mp_proc",

@@ -37,10 +37,12 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def hf_reference(model_dir: str, prompts: list[str], max_new_tokens: int = 0, check=()) -> dict:
-    """Run tests/lmdeploy/hf_reference.py in a clean process and return its JSON."""
+def hf_reference(model_dir: str, prompts: list[str], max_new_tokens: int = 0, check=(),
+                 act_quant: str | None = None) -> dict:
+    """Run tests/lmdeploy/hf_reference.py in a clean process and return its JSON
+    (``act_quant="int8_per_token"``: a W8A8 reference, see that script)."""
     request = {"model": str(model_dir), "prompts": prompts, "max_new_tokens": max_new_tokens,
-               "check": [list(map(list, pair)) for pair in check]}
+               "check": [list(map(list, pair)) for pair in check], "act_quant": act_quant}
     proc = subprocess.run([PYTHON, os.path.join(HERE, "hf_reference.py")], input=json.dumps(request),
                           capture_output=True, text=True, env=clean_env(), timeout=300)
     if proc.returncode != 0:
@@ -57,14 +59,16 @@ class ParityReport:
 
 
 def assert_greedy_parity(model_dir: str, prompts: list[str], prompt_ids: list[list[int]],
-                         outputs: list[list[int]], dtype: str) -> ParityReport:
+                         outputs: list[list[int]], dtype: str, act_quant: str | None = None,
+                         tie_tolerance: float | None = None) -> ParityReport:
     """Each output equals HF float32 ``generate`` token for token up to its first difference, and
     that difference is excused only where HF's own top-2 margin at that step (float32, same prefix)
     is below TIE_TOLERANCE[dtype] and the output's token is within that distance of HF's top logit.
-    Nothing after the first difference is compared (the prefixes differ from there on)."""
-    tol = TIE_TOLERANCE[dtype]
+    Nothing after the first difference is compared (the prefixes differ from there on).
+    ``tie_tolerance`` replaces TIE_TOLERANCE[dtype] where the model's own arithmetic is noisier."""
+    tol = TIE_TOLERANCE[dtype] if tie_tolerance is None else tie_tolerance
     n = max(len(o) for o in outputs)
-    ref = hf_reference(model_dir, prompts, n, check=list(zip(prompt_ids, outputs)))
+    ref = hf_reference(model_dir, prompts, n, check=list(zip(prompt_ids, outputs)), act_quant=act_quant)
     assert ref["prompt_ids"] == prompt_ids, "LMDeploy and HF tokenized the prompts differently"
     compared = total = 0
     prefixes, excused = [], []
@@ -86,6 +90,44 @@ def assert_greedy_parity(model_dir: str, prompts: list[str], prompt_ids: list[li
         )
         excused.append(f"prompt {b} step {prefix} margin {margin:.3f}")
     return ParityReport(compared, total, prefixes, excused)
+
+
+def pipeline_greedy(model_dir: str, prompts: list[str], max_new_tokens: int, dtype: str,
+                    **engine_kwargs) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, greedy ids) from ``lmdeploy.pipeline`` on the maca device (eos ignored, no chat template)."""
+    import gc
+
+    from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+
+    config = dict(device_type="maca", block_size=16, dtype=dtype, cache_max_entry_count=0.05, max_batch_size=8)
+    config.update(engine_kwargs)
+    pipe = pipeline(model_dir, backend_config=PytorchEngineConfig(**config), log_level="WARNING")
+    try:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, top_k=1, ignore_eos=True)
+        outputs = [list(r.token_ids) for r in pipe(prompts, gen_config=gen, do_preprocess=False)]
+        prompt_ids = [pipe.async_engine.tokenizer.encode(p, add_bos=True) for p in prompts]
+    finally:
+        pipe.close()
+        del pipe
+        gc.collect()
+    return prompt_ids, outputs
+
+
+class OpCallCounter:
+    """Counts calls of ``dlinfer.ops`` functions (the entries LMDeploy's kernel wrappers reach): ``calls[name]``."""
+
+    def __init__(self, monkeypatch, names):
+        import dlinfer.ops as ext_ops
+
+        self.calls = dict.fromkeys(names, 0)
+        for name in names:
+            original = getattr(ext_ops, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(ext_ops, name, counted)
 
 
 def free_port() -> int:

@@ -9,12 +9,10 @@ zoo model through the pipeline, greedy-equal to HF.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
-from lmdeploy_helpers import PROMPTS, assert_greedy_parity
+from lmdeploy_helpers import PROMPTS, assert_greedy_parity, pipeline_greedy
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +71,11 @@ def test_router_n_groups_stays_lmdeploys(maca_backend):
 
 @pytest.mark.slow
 def test_deepseek_v3_pipeline_matches_hf(dlinfer_ours):
-    from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
-
     from maca_infer.common.ops import _dispatch
     from maca_infer.modelzoo import get
 
     model_dir = str(get("deepseek_v3"))
     prompts = PROMPTS[:2]
-    pipe = pipeline(model_dir, backend_config=PytorchEngineConfig(
-        device_type="maca", block_size=16, dtype="float16", eager_mode=True, cache_max_entry_count=0.05,
-        max_batch_size=4), log_level="WARNING")
-    try:
-        gen = GenerationConfig(max_new_tokens=8, do_sample=False, top_k=1, ignore_eos=True)
-        outputs = [list(r.token_ids) for r in pipe(prompts, gen_config=gen, do_preprocess=False)]
-        prompt_ids = [pipe.async_engine.tokenizer.encode(p, add_bos=True) for p in prompts]
-    finally:
-        pipe.close()
-        del pipe
-        gc.collect()
+    prompt_ids, outputs = pipeline_greedy(model_dir, prompts, 8, "float16", eager_mode=True, max_batch_size=4)
     assert _dispatch.last_impl("moe_grouped_topk") is not None, "the noaux_tc router did not run our op"
     print(assert_greedy_parity(model_dir, prompts, prompt_ids, outputs, "float16"))
