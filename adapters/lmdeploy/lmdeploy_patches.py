@@ -341,12 +341,21 @@ class MacaRouterNoauxTC:
         return weights, ids.long()
 
 
+# the dlinfer.ops functions each LMDeploy 0.18 dlinfer W8A8 module calls
+_W8A8_DLINFER_OPS = {
+    "LinearW8A8": ("dynamic_quant", "linear_w8a8"),
+    "RMSNormW8A8": ("rms_norm_w8a8", "add_rms_norm_w8a8"),
+    "FusedMoEW8A8": ("fused_moe_w8a8",),
+}
+
+
 def check_w8a8_spec(spec) -> None:
     """Refuse, while the model is built, a W8A8 module that maca's dlinfer ops cannot run.
 
     LMDeploy builds one ``LinearW8A8`` / ``RMSNormW8A8`` / ``FusedMoEW8A8`` spec per
-    smooth-quant module; without this check an FP8 checkpoint, the NN weight layout
-    or expert parallelism would fail only at the first forward, deep in an op.
+    smooth-quant module; without this check an upstream dlinfer without the W8A8 ops,
+    an FP8 checkpoint, the NN weight layout or expert parallelism would fail only at
+    the first forward, deep in an op.
     """
     from lmdeploy.pytorch.backends.moe import FusedMoEW8A8BuildSpec
     from lmdeploy.pytorch.backends.qmodules import LinearW8A8BuildSpec, RMSNormW8A8BuildSpec
@@ -356,6 +365,15 @@ def check_w8a8_spec(spec) -> None:
     if not isinstance(spec, (LinearW8A8BuildSpec, RMSNormW8A8BuildSpec, FusedMoEW8A8BuildSpec)):
         return
     module = type(spec).__name__.removesuffix("BuildSpec")
+    import dlinfer
+    import dlinfer.ops
+
+    missing = [name for name in _W8A8_DLINFER_OPS[module] if not hasattr(dlinfer.ops, name)]
+    if missing:
+        raise ValueError(
+            f"maca-infer: LMDeploy's {module} calls dlinfer.ops.{', dlinfer.ops.'.join(missing)}, which the "
+            f"installed dlinfer ({getattr(dlinfer, '__file__', '?')}) does not have; use maca-infer's dlinfer "
+            "(MACA_INFER_DLINFER=ours) or a dlinfer release that has them")
     if spec.quant_dtype != torch.int8:
         raise ValueError(
             f"maca-infer: this checkpoint's W8A8 modules ({module}) quantize to {spec.quant_dtype}; maca serves "

@@ -13,7 +13,12 @@ maca-infer implements into that registry:
   path with one set of checks, tier reports and fallbacks (issue #12);
 - the ops it lacks are *added*: ``weight_quant_matmul`` (AWQ W4A16 linear),
   ``fused_moe_w4a16`` and ``w4a16_linear``, ``fill_mla_cache``,
-  ``mla_decode``, ``mla_prefill`` (DeepSeek MLA).
+  ``mla_decode``, ``mla_prefill`` (DeepSeek MLA), and the INT8 W8A8 ops
+  ``dynamic_quant``, ``linear_w8a8``, ``rms_norm_w8a8``,
+  ``add_rms_norm_w8a8``, ``fused_moe_w8a8`` (LMDeploy's smooth-quant modules;
+  a registry entry cannot help where upstream's ``dlinfer.ops`` lacks the
+  function itself, as for ``fused_moe_w8a8`` today: LMDeploy then stops at
+  model build with an error saying so).
 
 Every registration is recorded (``registered()``: "added" or "replaced").
 """

@@ -168,8 +168,8 @@ def test_w8a8_ops_reject_bad_input(w8a8_kernels):
 
 
 def test_build_op_refuses_w8a8_specs_maca_cannot_run(dlinfer_ours, monkeypatch):
-    """An FP8 smooth-quant module, the NN weight layout or W8A8 expert parallelism: one ValueError when
-    LMDeploy builds the module (model construction), not at the first forward."""
+    """An FP8 smooth-quant module, the NN weight layout, W8A8 expert parallelism or a dlinfer without the
+    module's op: one ValueError when LMDeploy builds the module (model construction), not at the first forward."""
     import lmdeploy.pytorch.backends.dlinfer.maca.op_backend as maca_backend
     from lmdeploy.pytorch.backends.moe import FusedMoEW8A8BuildSpec
     from lmdeploy.pytorch.backends.qmodules import LinearW8A8BuildSpec, RMSNormW8A8BuildSpec
@@ -191,6 +191,13 @@ def test_build_op_refuses_w8a8_specs_maca_cannot_run(dlinfer_ours, monkeypatch):
     monkeypatch.setenv("DLINFER_LINEAR_USE_NN_LAYOUT", "1")
     with pytest.raises(ValueError, match="DLINFER_LINEAR_USE_NN_LAYOUT=1"):
         backend.build_op(linear)
+    # a dlinfer without the op LMDeploy's module calls (upstream dlinfer has no fused_moe_w8a8 today)
+    import dlinfer.ops
+
+    monkeypatch.delattr(dlinfer.ops, "fused_moe_w8a8")
+    with pytest.raises(ValueError, match=r"LMDeploy's FusedMoEW8A8 calls dlinfer.ops.fused_moe_w8a8, which the "
+                                         r"installed dlinfer .* does not have; use maca-infer's dlinfer"):
+        backend.build_op(moe)
 
 
 def _layout(kind: str) -> dict:
