@@ -326,7 +326,9 @@ def test_compressed_tensors_w8a8_checkpoint_matches_dequant_reference(kind, tmp_
     (attention incl. MLA's kv_b_proj, MLPs, every expert; routers and lm_head stay float, listed in
     ``ignore``), a config compressed-tensors' own parser reads as channel int8 weights with dynamic token
     int8 activations; ``q * scale`` is the float32 -dequant reference, whose other tensors are the
-    quantized kind's bf16 values. (SGLang's loader and dequantizer read it back in tests/sglang/test_w8a8_loading.py.)"""
+    quantized kind's bf16 values; LMDeploy's own quantizer (``per_channel_quant``) makes the same int8
+    weights and scales of the float model. (SGLang's loader and dequantizer read it back in
+    tests/sglang/test_w8a8_loading.py.)"""
     from maca_infer.common import ops
 
     path = get(kind)
@@ -347,6 +349,10 @@ def test_compressed_tensors_w8a8_checkpoint_matches_dequant_reference(kind, tmp_
     original = load_file(build(architecture, tmp_path / "float", dtype="float32") / "model.safetensors")
     modules = sorted(n.removesuffix(".weight_scale") for n in quantized if n.endswith(".weight_scale"))
     routers = [n.removesuffix(".weight") for n in quantized if n.endswith("mlp.gate.weight")]
+    try:
+        from lmdeploy.pytorch.kernels.default.w8a8_kernels import per_channel_quant
+    except ImportError:
+        per_channel_quant = None
     assert qc["ignore"] == ["lm_head"] + routers
     assert not set(qc["ignore"]) & set(modules)
     if kind.startswith("deepseek"):
@@ -366,6 +372,9 @@ def test_compressed_tensors_w8a8_checkpoint_matches_dequant_reference(kind, tmp_
         assert int(tensor.abs().amax(dim=1).min()) == 127, f"{name}: each row's largest |q| must be 127"
         assert reference[name].dtype == torch.float32
         assert torch.equal(tensor.float() * scale, reference[name]), name
+        if per_channel_quant is not None:
+            ref_q, ref_scale = per_channel_quant(original[name], torch.int8)
+            assert torch.equal(ref_q, tensor) and torch.equal(ref_scale, scale), name
         weight = original[name].double()
         rel = float((reference[name].double() - weight).norm() / weight.norm())
         assert 1e-3 < rel < 0.02, f"{name}: relative int8 quantization error {rel:.4f}"
