@@ -98,6 +98,14 @@ def _checked_loader(loader: Callable, where: str, layout: str, *, moe: bool) -> 
     return load
 
 
+def _w8a8_layout(where: str, weight: torch.Tensor, scale: torch.Tensor):
+    """``ops.w8a8_from_compressed_tensors`` on a loaded layer, its ValueError naming the layer."""
+    try:
+        return ops.w8a8_from_compressed_tensors(weight, scale)
+    except ValueError as exc:
+        raise ValueError(f"maca w8a8: {where}: {exc}") from None
+
+
 def _sglang_is_cuda() -> bool:
     from sglang.srt.utils import is_cuda
 
@@ -117,7 +125,7 @@ class _MacaW8A8Linear:
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # checks dtype and shapes; the int8 [N, K] weight stays as loaded, the scale stays [N, 1] float32
-        ops.w8a8_from_compressed_tensors(layer.weight.data, layer.weight_scale.data)
+        _w8a8_layout(self.prefix, layer.weight.data, layer.weight_scale.data)
         layer.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data.float(), requires_grad=False)
         log_once(logger, logging.INFO, "w8a8: linear layers run maca_infer per_token_quant_int8 + w8a8_int8_linear")
@@ -146,8 +154,8 @@ class _MacaW8A8MoE:
         self.moe_runner_config = moe_runner_config
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        w13, w13_scale = ops.w8a8_from_compressed_tensors(layer.w13_weight.data, layer.w13_weight_scale.data)
-        w2, w2_scale = ops.w8a8_from_compressed_tensors(layer.w2_weight.data, layer.w2_weight_scale.data)
+        w13, w13_scale = _w8a8_layout(f"{self.prefix} w13", layer.w13_weight.data, layer.w13_weight_scale.data)
+        w2, w2_scale = _w8a8_layout(f"{self.prefix} w2", layer.w2_weight.data, layer.w2_weight_scale.data)
         layer.maca_w8a8 = (w13, w2, w13_scale, w2_scale)
         log_once(logger, logging.INFO, "w8a8: experts run maca_infer fused_moe_w8a8")
 

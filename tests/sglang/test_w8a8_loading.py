@@ -138,3 +138,13 @@ def test_loader_refuses_float_weights_and_non_channel_scales():
     with pytest.raises(ValueError, match=rf"{name} has dtype float16"):
         moe(weight, torch.zeros(4, 8, dtype=torch.float16), name, shard_id="w3", expert_id=3)
     assert len(loaded) == 2
+
+
+def test_layer_checks_name_the_layer():
+    """After loading: a weight that is not int8 [N, K] with a [N, 1] scale is a ValueError naming the layer."""
+    from maca_infer.adapters.sglang.w8a8_int8 import _w8a8_layout
+
+    q, s = _w8a8_layout("model.layers.0.mlp.down_proj", torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1))
+    assert q.shape == (4, 8) and s.shape == (4,)
+    with pytest.raises(ValueError, match=r"maca w8a8: model\.layers\.0\.mlp\.down_proj: .*weight_scale has shape \(4, 2\)"):
+        _w8a8_layout("model.layers.0.mlp.down_proj", torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 2))
