@@ -716,9 +716,9 @@ def _gather_blocks(cache, block_ids):
 
 
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sliding_window, logit_softcap,
-                      alibi_slopes, out):
-    q_bounds = cu_seqlens_q.tolist()
-    k_bounds = cu_seqlens_k.tolist()
+                      alibi_slopes, out, bounds=None):
+    # bounds: (q_bounds, k_bounds) host lists, read once by a plan (else here, one host sync)
+    q_bounds, k_bounds = bounds if bounds is not None else (cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
     for b in range(len(q_bounds) - 1):
         qs, qe, ks, ke = q_bounds[b], q_bounds[b + 1], k_bounds[b], k_bounds[b + 1]
         if qe == qs:
@@ -983,11 +983,11 @@ def _check_max(op, name, value):
 # ==========================================================================
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None, *,
     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
     scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
     logit_softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, plan: "VarlenPlan | None" = None,
 ) -> torch.Tensor:
     """Attention over a batch of packed variable-length sequences.
 
@@ -1013,6 +1013,10 @@ def varlen_attention(
         See the module docstring. ``alibi_slopes`` is ``[num_q_heads]`` float32.
     out : torch.Tensor, optional
         ``[total_q, num_q_heads, head_dim_v]``, dtype of ``q``; written and returned.
+    plan : VarlenPlan, optional
+        The batch's plan (:func:`plan_varlen`, made once per forward): the
+        ``cu_seqlens`` and ``max_seqlen_q`` then come from it (pass None, or
+        the plan's own) and this call only checks q, k, v against it.
 
     Returns
     -------
@@ -1028,6 +1032,12 @@ def varlen_attention(
         out_ih = sum_j softmax_j(s_ij) * v_jg
     """
     op = "varlen_attention"
+    if plan is not None:
+        return _varlen_planned(op, plan, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                               causal, sliding_window, logit_softcap, alibi_slopes, out)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k are required without a plan; pass both, or "
+                         "plan=plan_varlen(...)")
     _checks.check_dtype(op, "q", q, _checks.FLOAT_DTYPES)
     _checks.check_dim(op, "q", q, 3, "[total_q, num_q_heads, head_dim]")
     _checks.check_dim(op, "k", k, 3, "[total_k, num_kv_heads, head_dim]")
@@ -1069,6 +1079,107 @@ def varlen_attention(
                        vendor_fn=lambda: vendor.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
                                                         scale, causal, sliding_window, logit_softcap, alibi_slopes,
                                                         out, paged=False, max_seqlen_k=max_seqlen_k))
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenPlan:
+    """varlen_attention's per-batch metadata, validated once (see :func:`plan_varlen`).
+
+    Kept for the layers on first use: the host copy of the ``cu_seqlens``
+    (reference tier), ``max_seqlen_q`` when not given (Triton tier), the tier.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    batch: int
+    max_seqlen_q: int | None
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    device: torch.device
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def describe(self) -> str:
+        return (f"batch={self.batch}, num_q_heads={self.num_q_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, head_dim_v={self.head_dim_v}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}")
+
+
+def plan_varlen(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
+                head_dim: int, dtype: torch.dtype, head_dim_v: int | None = None,
+                max_seqlen_q: int | None = None) -> VarlenPlan:
+    """Validate one packed batch's metadata once (``cu_seqlens`` as in :func:`varlen_attention`);
+    the plan serves every layer whose q, k, v have these head counts, dims and dtype."""
+    op = "plan_varlen"
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("head_dim_v", head_dim_v)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= 1")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")
+    _check_heads(op, num_q_heads, num_kv_heads, head_dim, head_dim_v)
+    _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+    _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
+    if cu_seqlens_q.shape[0] < 1 or cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    _check_max(op, "max_seqlen_q", max_seqlen_q)
+    _checks.check_same_device(op, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return VarlenPlan(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, num_q_heads, num_kv_heads,
+                      head_dim, head_dim_v, dtype, cu_seqlens_q.device)
+
+
+def _varlen_planned(op, plan, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                    sliding_window, logit_softcap, alibi_slopes, out):
+    """varlen_attention with a plan: O(1) checks of q, k, v against it, then the same implementations."""
+    check_plan_arguments(op, plan, VarlenPlan, "plan_varlen", cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if max_seqlen_q is not None and max_seqlen_q != plan.max_seqlen_q:
+        raise ValueError(f"{op}: max_seqlen_q={max_seqlen_q} was passed with a plan made with "
+                         f"{plan.max_seqlen_q}; pass None or make a new plan")
+    for name, t, tail in (("q", q, (plan.num_q_heads, plan.head_dim)), ("k", k, (plan.num_kv_heads, plan.head_dim)),
+                          ("v", v, (plan.num_kv_heads, plan.head_dim_v))):
+        if t.dim() != 3 or t.shape[1:] != tail or (name == "v" and t.shape[0] != k.shape[0]):
+            raise plan_mismatch(op, plan, "plan_varlen", f"{name} has shape", tuple(t.shape))
+        if t.dtype is not plan.dtype:
+            raise plan_mismatch(op, plan, "plan_varlen", f"{name} has dtype", str(t.dtype).replace("torch.", ""))
+        if t.device != plan.device:
+            raise plan_mismatch(op, plan, "plan_varlen", f"{name} is on", t.device)
+        if t.stride(-1) != 1:
+            _check_last_dim_contiguous(op, name, t)
+    _check_max(op, "max_seqlen_k", max_seqlen_k)
+    scale, sliding_window, logit_softcap = _planned_options(op, plan, scale, sliding_window, logit_softcap)
+    if alibi_slopes is not None:
+        _check_alibi(op, alibi_slopes, plan.num_q_heads)
+        _checks.check_same_device(op, q=q, alibi_slopes=alibi_slopes)
+    out_shape = (q.shape[0], plan.num_q_heads, plan.head_dim_v)
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    else:
+        _check_out(op, out, out_shape, q.dtype)
+        _checks.check_same_device(op, q=q, out=out)
+    cu_q, cu_k, memo = plan.cu_seqlens_q, plan.cu_seqlens_k, plan._memo
+
+    def run_triton():
+        if "max_seqlen_q" not in memo:  # one host sync per plan when the caller did not know it
+            memo["max_seqlen_q"] = plan.max_seqlen_q if plan.max_seqlen_q is not None else _max_seqlen(cu_q)
+        return _prefill_triton(q, k, v, cu_q, cu_k, None, memo["max_seqlen_q"], scale, causal, sliding_window,
+                               logit_softcap, alibi_slopes, out, paged=False)
+
+    def run_reference():
+        if "bounds" not in memo:
+            memo["bounds"] = (cu_q.tolist(), cu_k.tolist())
+        return _varlen_reference(q, k, v, cu_q, cu_k, scale, causal, sliding_window, logit_softcap, alibi_slopes,
+                                 out, bounds=memo["bounds"])
+
+    _dispatch.dispatch(op, run_triton, run_reference, (q, k, v), empty=q.shape[0] == 0,
+                       impl=planned_impl(op, plan, q, k, v, vendor=True),
+                       vendor_fn=lambda: vendor.prefill(q, k, v, cu_q, cu_k, None, plan.max_seqlen_q, scale, causal,
+                                                        sliding_window, logit_softcap, alibi_slopes, out, paged=False,
+                                                        max_seqlen_k=max_seqlen_k))
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 from maca_infer.common.ops import attention as attn
 from maca_infer.common.ops import mla
 
-from tests.ops.test_attention import _check_decode, _decode_inputs, _options
+from tests.ops.test_attention import _check_decode, _cu, _decode_inputs, _expected_f64, _options, _sequences
 from tests.ops.test_mla import PagedLatents, decode_float64
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_V = 6, 2, 48, 32
@@ -199,3 +199,46 @@ def test_plan_chooses_the_tier_once(ops_impl, monkeypatch):
         attn.paged_decode_attention(q, key_cache, value_cache, plan=plan)
     assert chosen == ["paged_decode_attention"]
     assert _dispatch.last_impl("paged_decode_attention") == ops_impl
+
+
+# --------------------------------------------------------------------------
+# varlen (the HF adapter's attention: one plan per forward)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("max_seqlen_q", [None, 20])
+def test_planned_varlen_equals_unplanned_and_float64(ops_impl, close, dtype, max_seqlen_q):
+    q_lens, k_lens = [3, 20, 1], [9, 20, 14]
+    cu_q, cu_k = _cu(q_lens), _cu(k_lens)
+    plan = attn.plan_varlen(cu_q, cu_k, num_q_heads=6, num_kv_heads=3, head_dim=48, head_dim_v=32, dtype=dtype,
+                            max_seqlen_q=max_seqlen_q)
+    for layer, (window, softcap) in enumerate([(None, None), (5, 2.0), (None, None)]):
+        keys, values = _sequences(k_lens, 3, 48, 32, dtype, seed=20 + layer)
+        q = torch.randn(sum(q_lens), 6, 48, generator=torch.Generator().manual_seed(layer)).to(dtype)
+        k, v = torch.cat(keys), torch.cat(values)
+        got = attn.varlen_attention(q, k, v, plan=plan, sliding_window=window, logit_softcap=softcap)
+        want = attn.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=max_seqlen_q, sliding_window=window,
+                                     logit_softcap=softcap)
+        assert torch.equal(got, want)
+        start = 0
+        for b, q_len in enumerate(q_lens):
+            expected, _ = _expected_f64(q[start:start + q_len], keys[b], values[b], window=window, softcap=softcap)
+            close(got[start:start + q_len], expected, dtype, f"layer {layer} sequence {b}")
+            start += q_len
+
+
+def test_planned_varlen_rejects_inputs_the_plan_was_not_made_for():
+    cu = _cu([2, 3])
+    plan = attn.plan_varlen(cu, cu, num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float16)
+    q, k = torch.randn(5, 4, 32).half(), torch.randn(5, 2, 32).half()
+    with pytest.raises(ValueError, match=r"q has shape \(5, 2, 32\) does not match the plan .*num_q_heads=4"):
+        attn.varlen_attention(q[:, :2], k, k, plan=plan)
+    with pytest.raises(ValueError, match=r"k has shape \(5, 1, 32\) does not match the plan .*num_kv_heads=2"):
+        attn.varlen_attention(q, k[:, :1], k[:, :1], plan=plan)
+    with pytest.raises(ValueError, match="v has dtype float32 does not match the plan"):
+        attn.varlen_attention(q, k, k.float(), plan=plan)
+    with pytest.raises(ValueError, match="cu_seqlens_q was passed with a plan made for another one"):
+        attn.varlen_attention(q, k, k, cu.clone(), plan=plan)
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k are required without a plan"):
+        attn.varlen_attention(q, k, k)
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k must both be"):
+        attn.plan_varlen(cu, _cu([5]), num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float16)
