@@ -130,6 +130,19 @@ class OpCallCounter:
             monkeypatch.setattr(ext_ops, name, counted)
 
 
+def api_server_command(model_dir: str, port: int, *extra: str) -> list[str]:
+    """``lmdeploy serve api_server`` on the maca device (the README's command line), loopback only."""
+    lmdeploy_cli = os.path.join(os.path.dirname(PYTHON), "lmdeploy")  # the venv's console script
+    return [lmdeploy_cli, "serve", "api_server", model_dir, "--backend", "pytorch", "--device", "maca",
+            "--cache-block-seq-len", "16", "--dtype", "float16",
+            "--server-name", "127.0.0.1", "--server-port", str(port), "--log-level", "WARNING", *extra]
+
+
+def server_env() -> dict:
+    """Environment of an api_server child: the emulated maca device with a small memory budget."""
+    return dict(os.environ, MACA_INFER_DEVICE="emulated", MACA_INFER_EMU_MEMORY_GB="2", OMP_NUM_THREADS="1")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

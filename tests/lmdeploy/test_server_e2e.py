@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.error
@@ -20,7 +19,15 @@ import urllib.request
 
 import pytest
 
-from lmdeploy_helpers import PROMPTS, assert_greedy_parity, free_port, stop_process, wait_http
+from lmdeploy_helpers import (
+    PROMPTS,
+    api_server_command,
+    assert_greedy_parity,
+    free_port,
+    server_env,
+    stop_process,
+    wait_http,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +40,9 @@ def server():
 
     model_dir = str(get("llama"))
     port = free_port()
-    lmdeploy_cli = os.path.join(os.path.dirname(sys.executable), "lmdeploy")  # the venv's console script
-    cmd = [lmdeploy_cli, "serve", "api_server", model_dir, "--backend", "pytorch", "--device", "maca",
-           "--cache-block-seq-len", "16", "--dtype", "float16",
-           "--server-name", "127.0.0.1", "--server-port", str(port),
-           "--session-len", str(SESSION_LEN), "--max-batch-size", "32", "--log-level", "WARNING"]
-    env = dict(os.environ, MACA_INFER_DEVICE="emulated", MACA_INFER_EMU_MEMORY_GB="2", OMP_NUM_THREADS="1")
+    cmd = api_server_command(model_dir, port, "--session-len", str(SESSION_LEN), "--max-batch-size", "32")
     log = tempfile.NamedTemporaryFile("w+", prefix="lmdeploy-maca-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/v1/models", proc, timeout=240, log_path=log.name)

@@ -20,11 +20,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import urllib.request
 
 import pytest
 import torch
 
-from lmdeploy_helpers import PROMPTS, OpCallCounter, assert_greedy_parity, pipeline_greedy
+from lmdeploy_helpers import (
+    PROMPTS,
+    OpCallCounter,
+    api_server_command,
+    assert_greedy_parity,
+    free_port,
+    pipeline_greedy,
+    server_env,
+    stop_process,
+    wait_http,
+)
 
 MAX_NEW_TOKENS = 16
 # Dynamic INT8 activations amplify rounding: an fp16 difference of one ulp moves a value across
@@ -315,3 +327,61 @@ def test_unservable_smooth_quant_checkpoint_fails_at_start_up(dlinfer_ours, tmp_
         chain.append(f"{type(error).__name__}: {error}")
         error = error.__cause__ or error.__context__
     assert any(message in text for text in chain), chain
+
+
+# --------------------------------------------------------------------------- api_server
+
+
+def _start_server(model_dir: str, log_path):
+    port = free_port()
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(api_server_command(model_dir, port, "--session-len", "256", "--max-batch-size", "4"),
+                            stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
+    return proc, log, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+def test_api_server_w8a8_moe_matches_int8_hf_reference(dlinfer_ours, tmp_path):
+    """``lmdeploy serve api_server <mixtral-w8a8-smoothquant> --device maca``: W8A8 attention linears and
+    norms plus W8A8 experts in one server; /generate greedy ids vs the same W8A8 HF reference."""
+    from transformers import AutoTokenizer
+
+    from maca_infer.modelzoo import dequant_kind, get
+
+    model_dir = str(get("mixtral-w8a8-smoothquant"))
+    proc, log, base = _start_server(model_dir, tmp_path / "server.log")
+    try:
+        wait_http(f"{base}/v1/models", proc, timeout=240, log_path=str(tmp_path / "server.log"))
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        prompts = PROMPTS[:2]
+        prompt_ids = [tok(p).input_ids for p in prompts]
+        outputs = []
+        for ids in prompt_ids:
+            body = {"input_ids": ids, "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True, "temperature": 0, "top_k": 1}
+            req = urllib.request.Request(f"{base}/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                outputs.append(json.loads(r.read())["output_ids"])
+    finally:
+        stop_process(proc)
+        log.close()
+    assert all(len(o) == MAX_NEW_TOKENS for o in outputs)
+    print(assert_greedy_parity(str(get(dequant_kind("mixtral-w8a8-smoothquant"), dtype="float32")), prompts,
+                               prompt_ids, outputs, "float16", act_quant="int8_per_token",
+                               tie_tolerance=W8A8_TIE_TOLERANCE))
+
+
+@pytest.mark.slow
+def test_api_server_refuses_unservable_w8a8_checkpoint_at_start_up(dlinfer_ours, tmp_path):
+    """int8 experts in a Qwen2-MoE checkpoint: the server exits during start-up, and its log names the cause."""
+    model_dir = _broken_checkpoint(tmp_path, "qwen2_moe")
+    proc, log, base = _start_server(model_dir, tmp_path / "server.log")
+    try:
+        with pytest.raises(RuntimeError, match="server exited") as caught:
+            wait_http(f"{base}/v1/models", proc, timeout=240, log_path=str(tmp_path / "server.log"))
+    finally:
+        stop_process(proc)
+        log.close()
+    text = str(caught.value)
+    assert "LMDeploy's Qwen2MoeForCausalLM builds its MoE experts as float FusedMoE" in text, text
+    assert text.count("ValueError: LMDeploy's Qwen2MoeForCausalLM") >= 1, text
