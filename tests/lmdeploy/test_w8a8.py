@@ -123,9 +123,11 @@ def test_rms_norm_w8a8(w8a8_kernels, with_residual):
     torch.testing.assert_close(s.double(), ref_s.squeeze(-1), rtol=2e-3, atol=0)
 
 
-@pytest.mark.parametrize("renormalize", [False, True])
-def test_fused_moe_w8a8(w8a8_kernels, renormalize):
-    """DlinferFusedMoEW8A8Impl.forward -> fused_moe_w8a8 with LMDeploy's [E, N, 1] scales."""
+@pytest.mark.parametrize("renormalize,scale_dtype", [(False, torch.float32), (True, torch.float32),
+                                                     (True, torch.bfloat16)])
+def test_fused_moe_w8a8(w8a8_kernels, renormalize, scale_dtype):
+    """DlinferFusedMoEW8A8Impl.forward -> fused_moe_w8a8 with LMDeploy's [E, N, 1] scales (its
+    update_weights turns them bfloat16 for a bf16 model)."""
     kernels, _ = w8a8_kernels
     from dlinfer.utils.type_annotation import MoeMetadata
 
@@ -135,6 +137,7 @@ def test_fused_moe_w8a8(w8a8_kernels, renormalize):
     x = torch.randn(tokens, hidden, dtype=dtype)
     w13, s13 = int8_weight(2 * inter, hidden, experts)
     w2, s2 = int8_weight(hidden, inter, experts)
+    s13, s2 = s13.to(scale_dtype), s2.to(scale_dtype)
     logits = torch.randn(tokens, experts)
     weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
     out = kernels.fused_moe_w8a8(x, w13, s13, w2, s2, weights, ids.to(torch.int32), top_k, renormalize,
