@@ -33,8 +33,9 @@ How a mask becomes packed sequences (``plan_from_mask``):
 
 from __future__ import annotations
 
+import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,10 +71,16 @@ class PackedPlan:
     causal: bool
     sliding_window: int | None
     extra: "PackedPlan | None" = None
+    # the ops' VarlenPlan per head geometry and dtype, made by the first layer (_run_plan)
+    ops_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+@functools.lru_cache(maxsize=32)
 def dense_plan(batch: int, q_len: int, k_len: int, *, causal: bool, device: torch.device) -> PackedPlan:
-    """Every row of every batch entry kept: B sequences of q_len queries and k_len keys."""
+    """Every row of every batch entry kept: B sequences of q_len queries and k_len keys.
+
+    Remembered per shape (its content depends on nothing else): the layers of a
+    forward share one plan, and with it one ops plan (``_run_plan``)."""
     steps = torch.arange(batch + 1, device=device, dtype=torch.int32)
     return PackedPlan(None, None, steps * q_len, steps * k_len, q_len, k_len, causal, None)
 
@@ -270,20 +277,25 @@ def _tokens(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 
 def _run_plan(query, key, value, plan: PackedPlan, scale, logit_softcap) -> torch.Tensor:
-    from maca_infer.common.ops.attention import varlen_attention
+    from maca_infer.common.ops.attention import plan_varlen, varlen_attention
 
+    # one ops plan per PackedPlan (per forward's mask) and head geometry: the layers reuse it
+    geometry = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1], query.dtype)
+    ops_plan = plan.ops_plans.get(geometry)
+    if ops_plan is None:
+        ops_plan = plan.ops_plans[geometry] = plan_varlen(
+            plan.cu_seqlens_q, plan.cu_seqlens_k, num_q_heads=geometry[0], num_kv_heads=geometry[1],
+            head_dim=geometry[2], head_dim_v=geometry[3], dtype=geometry[4], max_seqlen_q=plan.max_seqlen_q)
     return varlen_attention(
         _tokens(query, plan.q_index),
         _tokens(key, plan.k_index),
         _tokens(value, plan.k_index),
-        plan.cu_seqlens_q,
-        plan.cu_seqlens_k,
-        max_seqlen_q=plan.max_seqlen_q,
         max_seqlen_k=plan.max_seqlen_k,
         scale=scale,
         causal=plan.causal,
         sliding_window=plan.sliding_window,
         logit_softcap=logit_softcap,
+        plan=ops_plan,
     )
 
 

@@ -138,3 +138,14 @@ def check_plan_arguments(op: str, plan, plan_type: type, planner: str, **given) 
         if value is not None and value is not getattr(plan, name):
             raise ValueError(f"{op}: {name} was passed with a plan made for another one; pass None "
                              "(the plan's is used) or make a new plan")
+
+
+def check_plan_geometry(op: str, dtype: torch.dtype, minimum: int = 1, **sizes) -> None:
+    """A planner's sizes are ints >= ``minimum`` and its dtype a float dtype the ops take."""
+    from maca_infer.common.ops import _checks
+
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= {minimum}")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")

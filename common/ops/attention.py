@@ -61,6 +61,7 @@ from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_
 from maca_infer.common.ops._split_kv import (
     auto_num_kv_splits,
     check_plan_arguments,
+    check_plan_geometry,
     merge_kv_splits,
     plan_mismatch,
     planned_impl,
@@ -492,12 +493,8 @@ def plan_paged_decode(
     """
     op = "plan_paged_decode"
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                        ("head_dim_v", head_dim_v), ("block_size", block_size), ("query_len", query_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= 1")
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")
+    check_plan_geometry(op, dtype, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                        head_dim_v=head_dim_v, block_size=block_size, query_len=query_len)
     if query_len > MAX_DECODE_QUERY_LEN:
         raise ValueError(f"{op}: q_len={query_len} is not supported; allowed: 1..{MAX_DECODE_QUERY_LEN} "
                          "(use paged_prefill_attention for longer chunks)")
@@ -930,6 +927,14 @@ def _check_options(op, q, num_q_heads, head_dim, scale, sliding_window, logit_so
     return float(scale), window, softcap
 
 
+def _check_cu_seqlens(op, cu_seqlens_q, cu_seqlens_k):
+    _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+    _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
+    if cu_seqlens_q.shape[0] < 1 or cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+
+
 def _check_alibi(op, alibi_slopes, num_q_heads):
     _checks.check_dtype(op, "alibi_slopes", alibi_slopes, (torch.float32,))
     if alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != num_q_heads:
@@ -1051,11 +1056,7 @@ def varlen_attention(
     _check_heads(op, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_last_dim_contiguous(op, name, t)
-    _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
-    _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
-    if cu_seqlens_q.shape[0] < 1 or cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
-        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
-                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    _check_cu_seqlens(op, cu_seqlens_q, cu_seqlens_k)
     _check_max(op, "max_seqlen_q", max_seqlen_q)
     _check_max(op, "max_seqlen_k", max_seqlen_k)
     scale, sliding_window, logit_softcap = _check_options(op, q, q.shape[1], q.shape[2], scale, sliding_window,
@@ -1115,18 +1116,10 @@ def plan_varlen(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, num_q
     the plan serves every layer whose q, k, v have these head counts, dims and dtype."""
     op = "plan_varlen"
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                        ("head_dim_v", head_dim_v)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= 1")
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")
+    check_plan_geometry(op, dtype, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                        head_dim_v=head_dim_v)
     _check_heads(op, num_q_heads, num_kv_heads, head_dim, head_dim_v)
-    _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
-    _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1, "[batch + 1]")
-    if cu_seqlens_q.shape[0] < 1 or cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
-        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
-                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    _check_cu_seqlens(op, cu_seqlens_q, cu_seqlens_k)
     _check_max(op, "max_seqlen_q", max_seqlen_q)
     _checks.check_same_device(op, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return VarlenPlan(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, num_q_heads, num_kv_heads,

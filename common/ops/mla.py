@@ -39,6 +39,7 @@ from maca_infer.common.ops._jit import interpreter_branch, lazy_jit, next_power_
 from maca_infer.common.ops._split_kv import (
     auto_num_kv_splits,
     check_plan_arguments,
+    check_plan_geometry,
     merge_kv_splits,
     plan_mismatch,
     planned_impl,
@@ -338,12 +339,8 @@ def plan_mla_decode(block_table: torch.Tensor, kv_seqlens: torch.Tensor, *, num_
     are range-checked here, once.
     """
     op = "plan_mla_decode"
-    for name, value, low in (("num_heads", num_heads, 0), ("kv_lora_rank", kv_lora_rank, 1),
-                             ("rope_dim", rope_dim, 0), ("block_size", block_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{op}: {name}={value!r} is not supported; allowed: an int >= {low}")
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise ValueError(f"{op}: dtype={dtype!r} is not supported; allowed: {_checks._names(_checks.FLOAT_DTYPES)}")
+    check_plan_geometry(op, dtype, 0, num_heads=num_heads, rope_dim=rope_dim)
+    check_plan_geometry(op, dtype, 1, kv_lora_rank=kv_lora_rank, block_size=block_size)
     _checks.check_block_size(op, block_size)
     _checks.check_dim(op, "kv_seqlens", kv_seqlens, 1, "[batch]")
     batch = kv_seqlens.shape[0]

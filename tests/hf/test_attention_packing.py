@@ -181,3 +181,25 @@ def test_unsupported_shapes_and_autograd_are_refused():
     query, key, value = qkv(1, 2, 2, 4, 4)
     with pytest.raises(packed.UnsupportedAttention, match="autograd"):
         packed.sdpa_equivalent(query.requires_grad_(), key, value, None)
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_layers_of_a_forward_share_one_ops_plan(monkeypatch, with_mask):
+    """Issue #12 (5): the layers of a forward (one mask, or none) make one varlen plan between
+    them; each layer's result stays the float64 one."""
+    from maca_infer.common.ops import attention
+
+    packed.dense_plan.cache_clear()  # a plan remembered by an earlier test would already hold its ops plan
+    made = []
+    original = attention.plan_varlen
+    monkeypatch.setattr(attention, "plan_varlen", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    attend = causal_padding_mask([7, 4], 7, 7, left=True)
+    mask = attend[:, None] if with_mask else None
+    if not with_mask:
+        attend = causal_padding_mask([7, 7], 7, 7)
+    for layer in range(3):
+        query, key, value = qkv(2, 4, 2, 7, 7, seed=layer)
+        out = packed.sdpa_equivalent(query, key, value, mask, is_causal=not with_mask)
+        torch.testing.assert_close(out.double(), reference_attention(query, key, value, attend), atol=2e-5,
+                                   rtol=1e-5)
+    assert len(made) == 1
