@@ -146,7 +146,14 @@ def _capabilities_class():
     return PlatformCapabilities
 
 
-PlatformCapabilities = _capabilities_class()
+def __getattr__(name: str):
+    # ``PlatformCapabilities`` is made on first use, not at import: doctor and ``patches list`` import this
+    # module (through patching.py) on hosts without SGLang, and importing sglang from here while sglang
+    # itself is importing (its platform plugin) is circular
+    if name == "PlatformCapabilities":
+        cls = globals()["PlatformCapabilities"] = _capabilities_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LegacyPlatformHooks:
