@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from packaging.version import Version
 
 pytestmark = pytest.mark.slow  # each test starts interpreters that import torch
 
@@ -194,7 +195,7 @@ import json, sys
 import torch
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).cuda()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **{sys.argv[2]: torch.float32}).cuda()
 ids = torch.tensor([[1, 5, 9, 100, 31]], device="cuda")
 with torch.no_grad():
     logits = model(ids).logits[0, -1]
@@ -214,7 +215,9 @@ def test_transformers_model_written_for_cuda_matches_cpu(run_python, tmp_path):
         )
         transformers.LlamaForCausalLM(config).save_pretrained(ckpt)
     # reference: this process, on the CPU
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    # transformers 4.56 renamed torch_dtype to dtype (the vendor lane runs 4.46.3)
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, **{dtype_kw: torch.float32})
     ids = torch.tensor([[1, 5, 9, 100, 31]])
     with torch.no_grad():
         want_logits = model(ids).logits[0, -1]
@@ -222,7 +225,7 @@ def test_transformers_model_written_for_cuda_matches_cpu(run_python, tmp_path):
     script = tmp_path / "hf_check.py"
     script.write_text(HF_SCRIPT)
     done = run_python(
-        f"import runpy, sys; sys.argv = ['hf_check', {str(ckpt)!r}]; runpy.run_path({str(script)!r})",
+        f"import runpy, sys; sys.argv = ['hf_check', {str(ckpt)!r}, {dtype_kw!r}]; runpy.run_path({str(script)!r})",
         env={"MACA_INFER_DEVICE": "emulated"},
     )
     assert done.returncode == 0, done.stderr
