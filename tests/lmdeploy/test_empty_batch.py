@@ -168,6 +168,49 @@ def _w4a16_linear(ops):
     _expect(ops.w4a16_linear(_empty(0, H), _uint8(48, H // 2), _rand(48, H // GROUP), None, GROUP), (0, 48))
 
 
+def _int8(*shape):
+    return torch.randint(-127, 128, shape, dtype=torch.int8)
+
+
+@covers("dynamic_quant")
+def _dynamic_quant(ops):
+    q, scale = ops.dynamic_quant(_empty(0, H), torch.int8)
+    _expect(q, (0, H), torch.int8)
+    _expect(scale, (0,), torch.float32)
+
+
+@covers("linear_w8a8")
+def _linear_w8a8(ops):
+    out = ops.linear_w8a8(_empty(0, H, dtype=torch.int8), _int8(48, H), _empty(0, dtype=torch.float32),
+                          _rand(48, 1, dtype=torch.float32), DTYPE, torch.int8, _rand(48))
+    _expect(out, (0, 48))
+
+
+@covers("rms_norm_w8a8")
+def _rms_norm_w8a8(ops):
+    q, scale = ops.rms_norm_w8a8(_empty(0, H), _rand(H), 1e-6, torch.int8)
+    _expect(q, (0, H), torch.int8)
+    _expect(scale, (0,), torch.float32)
+
+
+@covers("add_rms_norm_w8a8")
+def _add_rms_norm_w8a8(ops):
+    residual = _empty(0, H)
+    q, scale, res = ops.add_rms_norm_w8a8(_empty(0, H), residual, _rand(H), 1e-6, torch.int8)
+    _expect(q, (0, H), torch.int8)
+    _expect(scale, (0,), torch.float32)
+    _expect(res, (0, H))
+
+
+@covers("fused_moe_w8a8")
+def _fused_moe_w8a8(ops):
+    out = ops.fused_moe_w8a8(_empty(0, H), _int8(E, 2 * I, H), _rand(E, 2 * I, 1, dtype=torch.float32),
+                             _int8(E, H, I), _rand(E, H, 1, dtype=torch.float32),
+                             torch.empty(0, TOP_K, dtype=torch.float32), torch.empty(0, TOP_K, dtype=torch.int32),
+                             TOP_K, True)
+    _expect(out, (0, H))
+
+
 def _latent_cache():
     return _rand(NB, BS, L + R)
 
