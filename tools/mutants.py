@@ -52,6 +52,7 @@ ACTIVATION = ("tests/ops/test_activation.py",)
 QUANT = ("tests/ops/test_quant.py",)
 SGLANG = ("tests/sglang/test_backend_parity.py", "tests/sglang/test_platform.py")
 SGLANG_ROUTING = ("tests/sglang/test_noaux_tc_routing.py",)
+SGLANG_MOE_SCALING = ("tests/sglang/test_routed_scaling.py",)
 LMDEPLOY = ("tests/lmdeploy/test_dlinfer_interface.py", "tests/lmdeploy/test_activation.py")
 LMDEPLOY_ROUTING = ("tests/lmdeploy/test_noaux_tc_router.py",)
 HF = ("tests/hf/test_transformers.py",)
@@ -115,8 +116,8 @@ MUTANTS: tuple[Mutant, ...] = (
       ATTENTION + HELPERS, "causal mask shows each query the next key"),
     # ---- common/ops, reference: attention ----
     M("reference-attention-softmax-no-max", "common/ops/attention.py",
-      "        row_max = scores.amax(dim=-1, keepdim=True)\n",
-      "        row_max = torch.zeros_like(scores[..., :1])\n",
+      "        scores.masked_fill_(~visible[:, None, None], float(\"-inf\"))\n        row_max = scores.amax(dim=-1, keepdim=True)\n",
+      "        scores.masked_fill_(~visible[:, None, None], float(\"-inf\"))\n        row_max = torch.zeros_like(scores[..., :1])\n",
       ATTENTION, "attention reference softmax without max subtraction: exact until exp overflows"),
     M("reference-attention-chunks-skipped", "common/ops/attention.py",
       "    for start in range(0, lq, chunk):",
@@ -228,13 +229,21 @@ MUTANTS: tuple[Mutant, ...] = (
       "    return ops.rms_norm(x, self.weight, self.variance_epsilon), residual",
       SGLANG, "SGLang fused RMSNorm forward drops the residual add"),
     M("sglang-rotary-always-neox", "adapters/sglang/fused_ops.py",
-      "        style=\"neox\" if self.is_neox_style else \"gptj\",",
-      "        style=\"neox\",",
+      "            \"neox\" if self.is_neox_style else \"gptj\")",
+      "            \"neox\")",
       SGLANG, "SGLang rotary forward ignores is_neox_style"),
     M("sglang-noaux-tc-scaling-always", "adapters/sglang/fused_ops.py",
       "    scaling = cfg.routed_scaling_factor if cfg.apply_routed_scaling_factor_on_output else 1.0",
       "    scaling = cfg.routed_scaling_factor",
       SGLANG_ROUTING, "routed_scaling_factor applied in top-k although SGLang applies it on the MoE output"),
+    M("sglang-experts-scale-off-cuda-too", "adapters/sglang/fused_ops.py",
+      "    if sglang_runner._is_cuda or sglang_runner._is_musa:\n        out.mul_(scale)",
+      "    if True:\n        out.mul_(scale)",
+      SGLANG_MOE_SCALING, "maca MoE experts apply routed_scaling_factor off CUDA too (DeepSeek then squares it)"),
+    M("sglang-experts-scale-over-fused-topk", "adapters/sglang/fused_ops.py",
+      "    if scale is None or scale == 1.0 or getattr(layer, \"should_fuse_routed_scaling_factor_in_topk\", False):",
+      "    if scale is None or scale == 1.0:",
+      SGLANG_MOE_SCALING, "maca MoE experts scale again weights the router already scaled"),
     M("sglang-noaux-tc-padding-routed", "adapters/sglang/fused_ops.py",
       "        ids.masked_fill_((rows >= num_token_non_padded_r)[:, None], -1)",
       "        ids.masked_fill_((rows > num_token_non_padded_r)[:, None], -1)",
@@ -249,8 +258,8 @@ MUTANTS: tuple[Mutant, ...] = (
       "    q_out, k_out = mops.apply_rotary(q, k, cos_half, sin_half, style=\"gptj\")",
       LMDEPLOY, "dlinfer rotary uses the interleaved layout"),
     M("lmdeploy-decode-drops-alibi", "adapters/lmdeploy/dlinfer_ops.py",
-      "        scale=softmax_scale, alibi_slopes=alibi_slopes,\n    )\n    # explicit head_dim_v",
-      "        scale=softmax_scale, alibi_slopes=None,\n    )\n    # explicit head_dim_v",
+      "scale=softmax_scale, alibi_slopes=alibi_slopes,\n                                         plan=plan)",
+      "scale=softmax_scale, alibi_slopes=None,\n                                         plan=plan)",
       LMDEPLOY, "dlinfer paged decode drops ALiBi slopes"),
     M("lmdeploy-fused-moe-no-renormalize", "adapters/lmdeploy/dlinfer_ops.py",
       "    if renormalize:\n        weights = weights / weights.sum(dim=-1, keepdim=True)\n"
