@@ -174,8 +174,20 @@ class LegacyPlatformHooks:
     def get_mha_kv_pool_cls(self) -> type:
         return self._legacy_pool("mha")
 
-    def get_mla_kv_pool_cls(self) -> type:
-        return self._legacy_pool("mla")
+    def get_mla_kv_pool_cls(self):
+        pool_cls = self._legacy_pool("mla")
+
+        def build(*args, index_head_dim=None, **kwargs):
+            # SGLang < 0.5.22 builds an out-of-tree MLA pool with index_head_dim (DeepSeek sparse
+            # attention's indexer), which its own MLATokenToKVPool does not take
+            if index_head_dim is not None:
+                raise NotImplementedError(
+                    f"maca-infer: DeepSeek sparse attention (index_head_dim={index_head_dim}) has no maca "
+                    f"backend (SGLang {sglang_version()})"
+                )
+            return pool_cls(*args, **kwargs)
+
+        return build
 
     def get_dsa_kv_pool_cls(self) -> type:
         return self._legacy_pool("dsa")

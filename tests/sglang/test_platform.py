@@ -398,7 +398,13 @@ def test_compat_answers_the_installed_sglang_interface(fresh_resolution):
             assert hasattr(SRTPlatform, name), f"SGLang {compat.sglang_version()} has no {name}"
         assert platform.support_cuda_graph() is False and platform.support_piecewise_cuda_graph() is False
         assert platform.get_mha_kv_pool_cls() is memory_pool.MHATokenToKVPool
-        assert platform.get_mla_kv_pool_cls() is memory_pool.MLATokenToKVPool
+        # built as SGLang < 0.5.22 builds an out-of-tree MLA pool (it passes index_head_dim)
+        mla = platform.get_mla_kv_pool_cls()(
+            16, page_size=1, dtype=torch.bfloat16, kv_lora_rank=32, qk_rope_head_dim=16, index_head_dim=None,
+            layer_num=1, device="cpu", enable_memory_saver=False, start_layer=0, end_layer=0)
+        assert type(mla) is memory_pool.MLATokenToKVPool and mla.get_key_buffer(0).shape[-1] == 32 + 16
+        with pytest.raises(NotImplementedError, match="sparse attention"):
+            platform.get_mla_kv_pool_cls()(16, index_head_dim=128)
         with pytest.raises(NotImplementedError, match="no dsa KV pool"):
             platform.get_dsa_kv_pool_cls()
 
