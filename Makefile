@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml requirements/frameworks.txt requirements/no-deps.txt re
 demo: install
 	$(PY) -m maca_infer.demo
 
-# Everything, the slow end-to-end tests included (what CI runs): the main lane,
-# then the vendor lane.
+# Everything, the slow end-to-end tests included (what CI runs): the main lane, and
+# every lane of tools/lane.py (vendor, sglang-low). tools/test_all.py builds the lanes'
+# venvs and runs their server-free stages beside the main lane's pytest, then their
+# server stages; logs in build/lanes/.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-vendor
+	$(PYTHON) tools/test_all.py --main-python $(PY) -- $(PYTEST_ARGS)
 
 # The vendor lane (tools/lane.py): MetaX's versions (torch 2.10.0, triton 3.6.0,
 # transformers 4.46.3, diffusers 0.31.0; LMDeploy on transformers 4.56.0) in
@@ -39,8 +40,8 @@ test-vendor:
 	$(PYTHON) tools/lane.py vendor -- $(LANE_ARGS)
 
 # The SGLang low-end lane (tools/lane.py): SGLang 0.5.17, the floor of its range, on
-# torch 2.11.0 in .venv-sglang-low; the platform, backend parity, one server. Not in
-# `make test` (about 4 minutes to build the venv once, then about 2 a run).
+# torch 2.11.0 in .venv-sglang-low; the platform, backend parity, one server (part of
+# `make test`).
 test-sglang-low:
 	$(PYTHON) tools/lane.py sglang-low -- $(LANE_ARGS)
 
@@ -67,4 +68,4 @@ device-check: install
 	$(PY) tools/device_check.py $(DEVICE_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-maca .venv-sglang-low build *.egg-info

