@@ -87,12 +87,34 @@ def _rotary_forward(self, positions, query, key, offsets=None, fused_set_kv_buff
     return q.reshape(query.shape), k.reshape(key.shape)
 
 
+def scale_routed_output_(out: torch.Tensor, layer, runner_config) -> torch.Tensor:
+    """Multiply the experts' output ``out`` [T, H] in place by ``routed_scaling_factor`` where SGLang's runner would.
+
+    Every maca MoE method (unquantized, ``moe_wna16``, ``w8a8``) takes the place of SGLang's Triton runner,
+    which applies ``runner_config.routed_scaling_factor`` when summing the top-k (``moe_combine_topk``) only
+    under its module's ``_is_cuda or _is_musa``; DeepSeek's MoE (``DeepseekV2MoE.forward_normal``) applies
+    it itself under exactly the opposite condition. The runner module's flags are read here, not
+    ``is_cuda()`` again, so the experts follow the runner's decision whatever the host: true on a MACA
+    device (mcPyTorch sets ``torch.version.cuda``), false on the emulated one. Nothing is applied when the
+    router already folded the factor into the top-k weights (``should_fuse_routed_scaling_factor_in_topk``).
+    """
+    scale = getattr(runner_config, "routed_scaling_factor", None)
+    if scale is None or scale == 1.0 or getattr(layer, "should_fuse_routed_scaling_factor_in_topk", False):
+        return out
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe as sglang_runner
+
+    if sglang_runner._is_cuda or sglang_runner._is_musa:
+        out.mul_(scale)
+    return out
+
+
 def _unquantized_moe_forward(self, layer, dispatch_output):
     """UnquantizedFusedMoEMethod.forward: routed experts through ops.fused_moe.
 
     x [T, H]; layer.w13_weight [E, 2I, H] (gate rows, then up rows);
     layer.w2_weight [E, H, I]; topk weights/ids [T, k] from SGLang's router.
-    y = sum_k w_k * w2[e_k] @ (silu(gate) * up), as SGLang's forward_native.
+    y = sum_k w_k * w2[e_k] @ (silu(gate) * up), as SGLang's forward_native, times routed_scaling_factor
+    where SGLang's runner would apply it (``scale_routed_output_``).
     """
     from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
 
@@ -106,13 +128,15 @@ def _unquantized_moe_forward(self, layer, dispatch_output):
         and getattr(cfg, "gemm1_clamp_limit", None) is None
         and not getattr(self, "w13_swiglu_interleaved", False)
     )
-    if not plain:
-        return self.forward_native(layer, dispatch_output)
+    if not plain:  # SGLang's CPU forward leaves the routed scale to the model, as its off-CUDA runners do
+        combined = self.forward_native(layer, dispatch_output)
+        scale_routed_output_(combined.hidden_states, layer, cfg)
+        return combined
     topk_weights, topk_ids = dispatch_output.topk_output[0], dispatch_output.topk_output[1]
     x = dispatch_output.hidden_states
     log_once(logger, logging.INFO, "MoE experts run maca_infer fused_moe")
     out = ops.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, activation="silu")
-    return StandardCombineInput(hidden_states=out)
+    return StandardCombineInput(hidden_states=scale_routed_output_(out, layer, cfg))
 
 
 def _noaux_tc_routing(self, router_logits, dynamic_expert_bias, router_logits_partials, dispatch_info) -> bool:

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from maca_infer.adapters.sglang import fused_ops
 from maca_infer.common import ops
 from maca_infer.common.log import get_logger, log_once
 
@@ -173,10 +174,7 @@ def _moe_method_cls():
                 topk_weights, topk_ids, group_size=layer.group_size,
                 w13_zeros=layer.maca_w13_zeros, w2_zeros=layer.maca_w2_zeros, activation="silu",
             )
-            scale = getattr(cfg, "routed_scaling_factor", None)
-            if scale is not None and scale != 1.0:
-                out.mul_(scale)
-            return StandardCombineInput(hidden_states=out)
+            return StandardCombineInput(hidden_states=fused_ops.scale_routed_output_(out, layer, cfg))
 
     return MacaMoeWNA16Method
 

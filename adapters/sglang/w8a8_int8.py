@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from maca_infer.adapters.sglang import fused_ops
 from maca_infer.common import ops
 from maca_infer.common.log import get_logger, log_once
 
@@ -106,12 +107,6 @@ def _w8a8_layout(where: str, weight: torch.Tensor, scale: torch.Tensor):
         raise ValueError(f"maca w8a8: {where}: {exc}") from None
 
 
-def _sglang_is_cuda() -> bool:
-    from sglang.srt.utils import is_cuda
-
-    return is_cuda()
-
-
 # ---------------------------------------------------------------- shared layer behaviour
 
 
@@ -169,12 +164,7 @@ class _MacaW8A8MoE:
         w13, w2, w13_scale, w2_scale = layer.maca_w8a8
         out = ops.fused_moe_w8a8(dispatch_output.hidden_states, w13, w2, w13_scale, w2_scale, topk[0], topk[1],
                                  activation="silu")
-        # routed_scaling_factor: SGLang's DeepSeek MoE multiplies the experts' output by it itself unless
-        # is_cuda() (then it expects the runner to); applying it in both places would square it
-        scale = getattr(self.moe_runner_config, "routed_scaling_factor", None)
-        if scale not in (None, 1.0) and _sglang_is_cuda():
-            out.mul_(scale)
-        return StandardCombineInput(hidden_states=out)
+        return StandardCombineInput(hidden_states=fused_ops.scale_routed_output_(out, layer, self.moe_runner_config))
 
     apply_weights = apply
 
