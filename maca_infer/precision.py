@@ -241,16 +241,23 @@ def resolve_model(model: str) -> tuple[Path, list[str]]:
             )
         reference = dequant_kind(info["kind"])
         path = Path(get(reference, seed=int(info.get("seed", 0))))
-        notes.append(f"{info['kind']} is {method} int4: the HF adapter cannot load it, so both sides run "
-                     f"its float reference {reference} (the exactly dequantized weights)")
+        if quant.get("quant_dtype") == "int8" or method == "compressed-tensors":  # W8A8: int8 activations too
+            notes.append(f"{info['kind']} is {method} INT8 W8A8: the HF adapter cannot load it, so both sides run "
+                         f"its float reference {reference} (the exactly dequantized weights; the per-token int8 "
+                         "activation quantization is not part of this comparison)")
+        else:
+            notes.append(f"{info['kind']} is {method} int4: the HF adapter cannot load it, so both sides run "
+                         f"its float reference {reference} (the exactly dequantized weights)")
     return path, notes
 
 
 def _load(path: Path, dtype, device_map=None):
     from transformers import AutoModelForCausalLM
 
+    from maca_infer.adapters.hf._compat import dtype_kwargs
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **dtype_kwargs(dtype))
     except Exception as exc:  # noqa: BLE001 - any load failure is one line for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PrecisionError(f"{path}: does not load as a Transformers causal LM: {type(exc).__name__}: {first}") from None

@@ -100,7 +100,16 @@ def test_quantized_kind_compares_its_dequantized_reference():
     report = precision.check(str(get("llama-awq")), dtype="float16", tokens=8)
     assert report.passed and not report.walked  # logits agree: the layers are not walked
     assert "llama-awq-dequant" in report.model
-    assert any("llama-awq-dequant" in note for note in report.notes)
+    assert any("llama-awq-dequant" in note and " int4" in note for note in report.notes)
+
+
+def test_w8a8_kind_note_says_activations_are_not_compared():
+    from maca_infer.modelzoo import get
+
+    report = precision.check(str(get("llama-w8a8")), dtype="float16", tokens=4)
+    assert "llama-w8a8-dequant" in report.model
+    note = next(n for n in report.notes if "llama-w8a8-dequant" in n)
+    assert "INT8 W8A8" in note and "activation quantization is not part" in note and "int4" not in note
 
 
 def test_smollm2_clean_run():
