@@ -129,6 +129,13 @@ def kv_write_loc(forward_batch, layer=None):
     return KVWriteLoc(forward_batch.encoder_out_cache_loc if cross else forward_batch.out_cache_loc)
 
 
+def topk_forward_fits(topk_cls) -> bool:
+    """Whether our TopK forward (fused_ops._topk_forward) fits this SGLang's TopK: it resolves its
+    routing inputs through ``TopK._resolve_routing_inputs`` (0.5.23 has it, 0.5.17 not; the releases
+    between are untested, so the class is asked). Without it SGLang's own forward_native routes."""
+    return hasattr(topk_cls, "_resolve_routing_inputs")
+
+
 def _capabilities_class():
     if has("capabilities"):
         from sglang.srt.platforms.interface import PlatformCapabilities

@@ -208,7 +208,7 @@ def register_fused_op_forwards(dispatch_key: str) -> None:
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
-    from maca_infer.adapters.sglang.compat import oot_forward_registry
+    from maca_infer.adapters.sglang.compat import oot_forward_registry, topk_forward_fits
     from maca_infer.common.ops import library  # noqa: F401 - defines torch.ops.maca_infer.* for the compiled path
 
     registry = oot_forward_registry()
@@ -217,5 +217,6 @@ def register_fused_op_forwards(dispatch_key: str) -> None:
     registry.register_oot_forward(SiluAndMul, _silu_and_mul_forward, dispatch_key)
     registry.register_oot_forward(RotaryEmbedding, _rotary_forward, dispatch_key)
     registry.register_oot_forward(UnquantizedFusedMoEMethod, _unquantized_moe_forward, dispatch_key)
-    registry.register_oot_forward(TopK, _topk_forward, dispatch_key)
+    if topk_forward_fits(TopK):
+        registry.register_oot_forward(TopK, _topk_forward, dispatch_key)
     _registered = True
