@@ -124,6 +124,12 @@ def planned_impl(op: str, plan, *tensors, vendor: bool) -> str:
     return impl
 
 
+def describe_plan(plan, *names: str) -> str:
+    """``"batch=4, ..., dtype=float16, device=cuda:0"``: a plan's named fields, then its dtype and device."""
+    fields = [f"{name}={getattr(plan, name)}" for name in names]
+    return ", ".join(fields + [f"dtype={str(plan.dtype).replace('torch.', '')}", f"device={plan.device}"])
+
+
 def plan_mismatch(op: str, plan, planner: str, name: str, found) -> ValueError:
     """The error for a layer input that does not fit its plan (``planner``: the function that makes one)."""
     return ValueError(f"{op}: {name} {found} does not match the plan ({plan.describe()}); "

@@ -62,6 +62,7 @@ from maca_infer.common.ops._split_kv import (
     auto_num_kv_splits,
     check_plan_arguments,
     check_plan_geometry,
+    describe_plan,
     merge_kv_splits,
     plan_mismatch,
     planned_impl,
@@ -471,9 +472,8 @@ class DecodePlan:
         put(self, "value_cache_tail", (self.block_size, self.num_kv_heads, self.head_dim_v))
 
     def describe(self) -> str:
-        return (f"batch={self.batch}, q_len={self.query_len}, num_q_heads={self.num_q_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, head_dim_v={self.head_dim_v}, "
-                f"block_size={self.block_size}, dtype={str(self.dtype).replace('torch.', '')}, device={self.device}")
+        return describe_plan(self, "batch", "query_len", "num_q_heads", "num_kv_heads", "head_dim", "head_dim_v",
+                             "block_size").replace("query_len=", "q_len=")
 
 
 def plan_paged_decode(
@@ -1104,9 +1104,7 @@ class VarlenPlan:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def describe(self) -> str:
-        return (f"batch={self.batch}, num_q_heads={self.num_q_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, head_dim_v={self.head_dim_v}, "
-                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}")
+        return describe_plan(self, "batch", "num_q_heads", "num_kv_heads", "head_dim", "head_dim_v")
 
 
 def plan_varlen(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,

@@ -40,6 +40,7 @@ from maca_infer.common.ops._split_kv import (
     auto_num_kv_splits,
     check_plan_arguments,
     check_plan_geometry,
+    describe_plan,
     merge_kv_splits,
     plan_mismatch,
     planned_impl,
@@ -321,9 +322,7 @@ class MLADecodePlan:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def describe(self) -> str:
-        return (f"batch={self.batch}, num_heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, "
-                f"rope_dim={self.rope_dim}, block_size={self.block_size}, "
-                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}")
+        return describe_plan(self, "batch", "num_heads", "kv_lora_rank", "rope_dim", "block_size")
 
 
 def plan_mla_decode(block_table: torch.Tensor, kv_seqlens: torch.Tensor, *, num_heads: int, kv_lora_rank: int,
