@@ -18,7 +18,7 @@ GREEDY = [5, 6, 7, 8, 9]
 def _fake_hf(monkeypatch, margins, teacher_gap):
     """HF answer for one prompt: greedy GREEDY, margins per step, the run's token ``teacher_gap`` below the top."""
 
-    def hf_reference(model_dir, prompts, max_new_tokens=0, check=()):
+    def hf_reference(model_dir, prompts, max_new_tokens=0, check=(), act_quant=None):
         (prompt_ids, out), = check
         teacher = [[0.0 if out[i] == GREEDY[i] else -teacher_gap, 0.0, GREEDY[i]] for i in range(len(out))]
         return {"prompt_ids": [prompt_ids], "greedy": [GREEDY], "margins": [margins], "teacher": [teacher]}
