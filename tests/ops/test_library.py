@@ -3,6 +3,10 @@ and torch.compile(fullgraph=True) traces a decoder layer built from them with no
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -264,6 +268,16 @@ def _run(layer, inputs):
 def test_compiled_decoder_layer_matches_eager_without_graph_break(ops_impl, backend):
     if backend == "inductor" and ops_impl == "triton":
         pytest.skip("inductor compiles the same graph on either tier (C++ builds, ~7 s cold); once is enough")
+    if backend == "inductor" and not os.environ.get("MACA_INFER_TEST_CHILD"):
+        # in a fresh interpreter: inductor caches process-wide what the host can compile for, and earlier
+        # tests (the emulated device, Triton's AOT targets) leave it looking for libcuda in a full run
+        node = f"{__file__}::test_compiled_decoder_layer_matches_eager_without_graph_break[{ops_impl}-inductor]"
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                               env={**os.environ, "MACA_INFER_TEST_CHILD": "1"}, capture_output=True, text=True,
+                               timeout=600)
+        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+        assert "1 passed" in child.stdout, child.stdout[-2000:]
+        return
     torch._dynamo.reset()
     layer = DecoderLayer()
     inputs = _decode_inputs()
