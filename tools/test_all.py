@@ -31,17 +31,20 @@ def _lane_cmd(name: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "tools" / "lane.py"), name, *args]
 
 
+def _stage_args(name: str, beside: bool) -> list[str]:
+    lane = lanes.LANES[name]
+    return [a for n, stage in enumerate(lane.stages, 1) if stage.beside == beside for a in ("--stage", str(n))]
+
+
 def _beside(name: str) -> list[str]:
     """What lane ``name`` does beside the main lane: install, then its server-free stages."""
-    lane = lanes.LANES[name]
-    stages = [str(n) for n, stage in enumerate(lane.stages, 1) if stage.beside]
-    return _lane_cmd(name, *(a for n in stages for a in ("--stage", n))) if stages else _lane_cmd(name, "--install-only")
+    return _lane_cmd(name, *(_stage_args(name, True) or ["--install-only"]))
 
 
 def _after(name: str) -> list[str] | None:
-    lane = lanes.LANES[name]
-    stages = [str(n) for n, stage in enumerate(lane.stages, 1) if not stage.beside]
-    return _lane_cmd(name, *(a for n in stages for a in ("--stage", n))) if stages else None
+    """The lane's server stages, after the main lane (None: it has none)."""
+    args = _stage_args(name, False)
+    return _lane_cmd(name, *args) if args else None
 
 
 def main(argv: list[str]) -> int:
